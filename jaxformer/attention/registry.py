@@ -1,0 +1,94 @@
+"""Attention kinds by name: `model.attention.kind` x `model.attention.impl` -> a core module.
+
+A *core* mixes already-projected heads; the `Attention` module (projections, positions, KV
+cache) is shared by every kind. Every core has one call signature:
+
+    core = build(cfg, num_heads=N, num_kv_heads=K, head_dim=H, dtype=..., param_dtype=...,
+                 rngs=rngs)
+    out = core(q, k, v, mask, bias=None, deterministic=True, dropout_rng=None)
+        q: [B, T, N, H], k / v: [B, S, K, H], mask: AttentionMask, bias: [B|1, N|1, T, S] or None
+        out: [B, T, N, H]
+
+New kinds plug in with `@register('name')` (and optionally `impl=`) without touching model code,
+and the tests in tests/attention/test_generic.py pick them up automatically through `kinds()`.
+A core declares what it supports in `features`, a subset of FEATURES; asking for anything else
+fails at build time with the reason (`unsupported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxformer.config import AttentionConfig, ConfigError
+
+# causal: causal masking; padding: segment/padding masks; bias: additive bias (ALiBi, T5);
+# decode: KV-cached incremental decoding; cross: keys from another sequence; window: sliding
+# window; dropout: dropout on probabilities; weights: can sow attention probabilities.
+FEATURES = frozenset({'causal', 'padding', 'bias', 'decode', 'cross', 'window', 'dropout',
+                      'weights', 'softcap', 'shaw'})
+
+_REGISTRY: dict[tuple[str, str], type] = {}
+_REASONS: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def register(kind: str, impl: str = 'xla', *, unsupported: dict[str, str] | None = None
+             ) -> Callable[[type], type]:
+  """Class decorator. `unsupported` maps a feature to the reason it cannot be provided."""
+
+  def deco(cls):
+    key = (kind, impl)
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+      raise ValueError(f'attention kind {kind!r} impl {impl!r} registered twice')
+    _REGISTRY[key] = cls
+    _REASONS[key] = dict(unsupported or {})
+    features = getattr(cls, 'features', None)
+    if features is None or not set(features) <= FEATURES:
+      raise ValueError(f'{cls.__name__}.features must be a subset of {sorted(FEATURES)}')
+    return cls
+
+  return deco
+
+
+def _ensure_loaded() -> None:
+  # Importing the package registers the built-in kinds.
+  import jaxformer.attention  # noqa: F401
+
+
+def kinds(impl: str | None = None) -> list[str]:
+  _ensure_loaded()
+  return sorted({k for k, i in _REGISTRY if impl is None or i == impl})
+
+
+def impls(kind: str) -> list[str]:
+  _ensure_loaded()
+  return sorted(i for k, i in _REGISTRY if k == kind)
+
+
+def lookup(kind: str, impl: str = 'xla') -> type:
+  _ensure_loaded()
+  if not any(k == kind for k, _ in _REGISTRY):
+    raise ConfigError(f'model.attention.kind={kind!r} is invalid: allowed values are {kinds()}')
+  if (kind, impl) not in _REGISTRY:
+    raise ConfigError(f'model.attention.impl={impl!r} is invalid for kind {kind!r}: '
+                      f'allowed values are {impls(kind)}')
+  return _REGISTRY[(kind, impl)]
+
+
+def require(cfg: AttentionConfig, needed: set[str], where: str = 'model.attention') -> None:
+  """Fails with the kind's reason when it lacks a feature the model needs."""
+  cls = lookup(cfg.kind, cfg.impl)
+  missing = sorted(set(needed) - set(cls.features))
+  if missing:
+    reasons = _REASONS[(cfg.kind, cfg.impl)]
+    why = '; '.join(f'{f}: {reasons.get(f, "not implemented by this kind")}' for f in missing)
+    raise ConfigError(f'{where}.kind={cfg.kind!r} (impl={cfg.impl!r}) cannot provide '
+                      f'{missing} needed by this model ({why})')
+
+
+def build(cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, rngs,
+          dtype=None, param_dtype=None, needed: set[str] = frozenset(), **kwargs):
+  """Instantiates the core for `cfg.kind` / `cfg.impl` after checking `needed` features."""
+  require(cfg, set(needed))
+  cls = lookup(cfg.kind, cfg.impl)
+  return cls(cfg, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+             dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)

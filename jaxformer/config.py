@@ -1,0 +1,366 @@
+"""Typed, validated model configuration.
+
+`ml_collections.ConfigDict` lives only at the edge (config files, command-line overrides).
+`ModelConfig.from_dict` turns the `config.model` section into frozen dataclasses and validates
+every field before a module is built, so a bad value fails with the field's dotted path and the
+allowed values instead of a shape error deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value; the message names the field and what is allowed."""
+
+
+def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
+  raise ConfigError(f'{field}={value!r} is invalid: {allowed}')
+
+
+def check_choice(field: str, value: Any, choices) -> None:
+  if value not in choices:
+    fail(field, value, f'allowed values are {sorted(choices)}')
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+FAMILIES = ('decoder', 'encoder', 'encoder_decoder', 'vit', 'rnn_seq2seq')
+NORMS = ('layernorm', 'rmsnorm', 'scalenorm')
+NORM_POSITIONS = ('pre', 'post', 'sandwich')
+ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
+POSITIONS = ('none', 'sinusoidal', 'learned', 'shaw', 't5', 'rope', 'alibi')
+ROPE_SCALINGS = ('none', 'linear', 'ntk')
+ROUTERS = ('topk', 'switch', 'hash', 'soft')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
+INITS = ('normal', 'xavier', 'lecun')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Self/cross attention. `kind` and `impl` select an entry of `jaxformer.attention.registry`.
+
+  `window` is a sliding window (Mistral): a query at position t sees keys at positions
+  t - window < s <= t (and s >= t - window + 1 in the bidirectional case, symmetric).
+  `scale=None` means head_dim ** -0.5; T5 uses 1.0.
+  `options` holds kind-specific settings (e.g. number of random features) that the registry
+  entry validates itself.
+  """
+  kind: str = 'dot_product'
+  impl: str = 'xla'
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
+  logit_softcap: float | None = None
+  dropout: float = 0.0
+  window: int | None = None
+  scale: float | None = None
+  options: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionConfig:
+  """Position information (CATALOG C1-C7).
+
+  sinusoidal / learned are added to the embeddings; rope rotates q and k; alibi and t5 are an
+  additive attention bias computed once per stack; shaw adds clipped relative key/value
+  embeddings inside every attention layer; none is NoPE.
+  `offset` shifts learned position ids (BART and RoBERTa start at 2).
+  """
+  kind: str = 'rope'
+  max_length: int = 2048
+  offset: int = 0
+  rope_theta: float = 10000.0
+  rotary_fraction: float = 1.0
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0
+  rope_original_max_length: int | None = None
+  num_buckets: int = 32
+  max_distance: int = 128
+  shaw_max_relative: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNConfig:
+  """Position-wise feed-forward: act(x W1) W2, or act(x W1) * (x W3) W2 when gated.
+
+  SwiGLU = silu + gated, GeGLU = gelu + gated, ReGLU = relu + gated.
+  `hidden_dim=None` means 4 * d_model (8/3 * d_model rounded up to 8 when gated).
+  """
+  activation: str = 'gelu'
+  gated: bool = False
+  hidden_dim: int | None = None
+  bias: bool = True
+  dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture of experts as an FFN kind (CATALOG D5); num_experts=0 disables it.
+
+  router: topk (GShard / Mixtral), switch (top-1 with capacity and token dropping), hash
+  (token id modulo experts), soft (Soft MoE slots). MoE replaces the FFN in every
+  `every`-th layer (layer index % every == every - 1).
+  """
+  num_experts: int = 0
+  top_k: int = 2
+  router: str = 'topk'
+  capacity_factor: float = 1.25
+  normalize_top_k: bool = True
+  slots_per_expert: int = 1
+  every: int = 1
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  jitter: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+  """The pre-Transformer baseline (CATALOG E7): GRU/LSTM encoder-decoder with attention."""
+  cell: str = 'gru'
+  attention: str = 'bahdanau'  # bahdanau | luong_dot | luong_general | luong_concat
+  hidden_dim: int = 64
+  bidirectional_encoder: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
+  family: str = 'decoder'
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_decoder_layers: int | None = None
+  max_length: int = 2048
+  attention: AttentionConfig = AttentionConfig()
+  position: PositionConfig = PositionConfig()
+  ffn: FFNConfig = FFNConfig()
+  moe: MoEConfig = MoEConfig()
+  rnn: RNNConfig = RNNConfig()
+  # norms and residual structure
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-5
+  norm_bias: bool = True
+  norm_position: str = 'pre'
+  final_norm: bool = True
+  embed_norm: bool = False
+  # embeddings and head
+  embed_scale: bool = False
+  tie_embeddings: bool = True
+  logits_scale: float | None = None
+  final_logit_softcap: float | None = None
+  head_bias: bool = False
+  type_vocab_size: int = 0
+  pad_id: int = 0
+  # encoder heads (BERT / RoBERTa / ViT)
+  mlm_head: bool = False
+  pooler: bool = False
+  num_labels: int = 0
+  # ViT
+  image_size: int = 32
+  patch_size: int = 4
+  num_channels: int = 3
+  # regularisation
+  embed_dropout: float = 0.0
+  residual_dropout: float = 0.0
+  drop_path: float = 0.0
+  # init
+  init: str = 'normal'
+  init_std: float = 0.02
+  scaled_residual_init: bool = False
+  # depth and precision
+  scan_layers: bool = True
+  remat: str = 'none'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  # ---------------------------------------------------------------- derived values
+  @property
+  def num_heads(self) -> int:
+    return self.attention.num_heads
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.attention.num_kv_heads or self.attention.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+  @property
+  def ffn_hidden_dim(self) -> int:
+    if self.ffn.hidden_dim:
+      return self.ffn.hidden_dim
+    if self.ffn.gated:
+      return -(-int(8 * self.d_model / 3) // 8) * 8
+    return 4 * self.d_model
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def is_causal(self) -> bool:
+    """Whether the (decoder) self-attention is causal."""
+    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq')
+
+  # ---------------------------------------------------------------- construction
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any] | None = None, **overrides) -> 'ModelConfig':
+    """Builds a validated config from a (nested) mapping such as `config.model.to_dict()`."""
+    d = dict(_to_plain(d or {}), **overrides)
+    cfg = _build(cls, d, 'model')
+    cfg.validate()
+    return cfg
+
+  def replace(self, **changes) -> 'ModelConfig':
+    cfg = dataclasses.replace(self, **changes)
+    cfg.validate()
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # ---------------------------------------------------------------- validation
+  def validate(self) -> None:
+    a, p = self.attention, self.position
+    check_choice('model.family', self.family, FAMILIES)
+    check_choice('model.norm', self.norm, NORMS)
+    check_choice('model.norm_position', self.norm_position, NORM_POSITIONS)
+    check_choice('model.ffn.activation', self.ffn.activation, ACTIVATIONS)
+    check_choice('model.position.kind', p.kind, POSITIONS)
+    check_choice('model.position.rope_scaling', p.rope_scaling, ROPE_SCALINGS)
+    check_choice('model.moe.router', self.moe.router, ROUTERS)
+    check_choice('model.remat', self.remat, REMAT_POLICIES)
+    check_choice('model.init', self.init, INITS)
+    check_choice('model.dtype', self.dtype, DTYPES)
+    check_choice('model.param_dtype', self.param_dtype, DTYPES)
+    check_choice('model.rnn.cell', self.rnn.cell, ('gru', 'lstm'))
+    check_choice('model.rnn.attention', self.rnn.attention,
+                 ('bahdanau', 'luong_dot', 'luong_general', 'luong_concat'))
+    for name in ('vocab_size', 'd_model', 'num_layers', 'max_length'):
+      if getattr(self, name) <= 0:
+        fail(f'model.{name}', getattr(self, name), 'must be a positive integer')
+    if a.num_heads <= 0:
+      fail('model.attention.num_heads', a.num_heads, 'must be a positive integer')
+    if a.head_dim is None and self.d_model % a.num_heads:
+      fail('model.attention.num_heads', a.num_heads,
+           f'must divide model.d_model={self.d_model} (or set model.attention.head_dim)')
+    if a.num_kv_heads is not None and (a.num_kv_heads <= 0 or a.num_heads % a.num_kv_heads):
+      fail('model.attention.num_kv_heads', a.num_kv_heads,
+           f'must be a positive divisor of model.attention.num_heads={a.num_heads}')
+    if a.window is not None and a.window <= 0:
+      fail('model.attention.window', a.window, 'must be a positive integer or None')
+    if not 0.0 <= a.dropout < 1.0:
+      fail('model.attention.dropout', a.dropout, 'must be in [0, 1)')
+    for name in ('embed_dropout', 'residual_dropout', 'drop_path'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        fail(f'model.{name}', getattr(self, name), 'must be in [0, 1)')
+    if p.kind == 'rope':
+      rot = int(self.head_dim * p.rotary_fraction)
+      if not 0.0 < p.rotary_fraction <= 1.0:
+        fail('model.position.rotary_fraction', p.rotary_fraction, 'must be in (0, 1]')
+      if rot % 2:
+        fail('model.position.rotary_fraction', p.rotary_fraction,
+             f'gives an odd rotary dimension {rot} (head_dim={self.head_dim}); RoPE rotates '
+             'pairs, so head_dim * rotary_fraction must be even')
+      if p.rope_scaling != 'none' and p.rope_scaling_factor < 1.0:
+        fail('model.position.rope_scaling_factor', p.rope_scaling_factor, 'must be >= 1')
+    if p.kind == 'learned' and p.max_length < self.max_length:
+      fail('model.position.max_length', p.max_length,
+           f'must be >= model.max_length={self.max_length} for a learned position table')
+    m = self.moe
+    if m.num_experts < 0:
+      fail('model.moe.num_experts', m.num_experts, 'must be >= 0 (0 disables MoE)')
+    if m.num_experts:
+      if m.router in ('topk',) and not 1 <= m.top_k <= m.num_experts:
+        fail('model.moe.top_k', m.top_k,
+             f'must be between 1 and model.moe.num_experts={m.num_experts}')
+      if m.capacity_factor <= 0:
+        fail('model.moe.capacity_factor', m.capacity_factor, 'must be > 0')
+      if m.every <= 0:
+        fail('model.moe.every', m.every, 'must be a positive integer')
+    if self.family == 'vit' and self.image_size % self.patch_size:
+      fail('model.patch_size', self.patch_size,
+           f'must divide model.image_size={self.image_size}')
+    if self.type_vocab_size < 0:
+      fail('model.type_vocab_size', self.type_vocab_size, 'must be >= 0')
+    if not 0 <= self.pad_id < self.vocab_size:
+      fail('model.pad_id', self.pad_id, f'must be a token id in [0, {self.vocab_size})')
+
+
+# -------------------------------------------------------------------- mapping -> dataclass
+def _to_plain(d: Any) -> Any:
+  if hasattr(d, 'to_dict'):
+    d = d.to_dict()
+  if isinstance(d, Mapping):
+    return {k: _to_plain(v) for k, v in d.items()}
+  return d
+
+
+def _build(cls, d: Mapping[str, Any], path: str):
+  if not isinstance(d, Mapping):
+    fail(path, d, f'must be a mapping of {cls.__name__} fields')
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ConfigError(f'{path}: unknown field(s) {unknown}; allowed fields are {sorted(fields)}')
+  kwargs = {}
+  for name, value in d.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[name] = _build(hint, value, f'{path}.{name}')
+    else:
+      kwargs[name] = _coerce(f'{path}.{name}', value, hint)
+  return cls(**kwargs)
+
+
+def _coerce(field: str, value: Any, hint) -> Any:
+  """Checks a scalar against its annotation; ints are accepted where floats are expected."""
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(field, value, arg)
+      except ConfigError:
+        pass
+    fail(field, value, f'expected {hint}')
+  if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if hint is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if hint is bool and isinstance(value, bool):
+    return value
+  if hint is str and isinstance(value, str):
+    return value
+  if origin is Mapping or hint is Mapping:
+    if isinstance(value, Mapping):
+      return FrozenDict(dict(value))
+    fail(field, value, 'expected a mapping')
+  if hint in (int, float, bool, str):
+    fail(field, value, f'expected a {hint.__name__}')
+  return value
