@@ -26,7 +26,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequen
   """A parameter with logical axis names as metadata (no eager sharding)."""
   if len(shape) != len(names):
     raise ValueError(f'param shape {tuple(shape)} and axis names {tuple(names)} differ in rank')
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 

@@ -1,0 +1,104 @@
+"""Input embedding and output head shared by every token model family (CATALOG C1, C2, D6).
+
+TokenEmbedder: x = norm(scale * E[ids] + P[pos] + T[types]) then dropout, where the scale is
+sqrt(D) when `model.embed_scale` (Vaswani et al.), P is sinusoidal or learned (with an id offset
+for BART / RoBERTa) and the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`).
+
+LMHead: logits = softcap(scale * h E^T + b) with E tied to the input embedding, or an untied
+projection; T5 scales by D^-0.5 when tied (`model.logits_scale`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxformer.config import ModelConfig
+from jaxformer.layers import positions as pos_lib
+from jaxformer.layers.base import check_token_ids, constrain, normal_init, param, zeros
+from jaxformer.layers.embeddings import Embed, make_embed, make_head
+from jaxformer.layers.norms import make_norm
+
+
+@struct.dataclass
+class ModelOutput:
+  """What every model returns. `aux` holds scalar auxiliary losses (MoE); `cache` the KV cache."""
+  logits: jax.Array
+  aux: dict = struct.field(default_factory=dict)
+  cache: object = None
+  hidden: jax.Array | None = None
+  pooled: jax.Array | None = None
+
+
+def default_positions(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+  """Positions restarting at 0 in every packed segment (arange when not packed)."""
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+  seg = segment_ids
+  start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  idx = jnp.broadcast_to(jnp.arange(length)[None], seg.shape)
+  first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+  return (idx - first).astype(jnp.int32)
+
+
+class TokenEmbedder(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, embed: Embed | None = None, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = embed if embed is not None else make_embed(cfg, rngs=rngs)
+    pc = cfg.position
+    if pc.kind == 'learned':
+      self.positions = pos_lib.LearnedPositions(pc.max_length, cfg.d_model, offset=pc.offset,
+                                                init=normal_init(cfg.init_std),
+                                                param_dtype=cfg.params_dtype, rngs=rngs)
+    else:
+      self.positions = None
+    self.token_types = (Embed(cfg.type_vocab_size, cfg.d_model, init_std=cfg.init_std,
+                              param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype,
+                              ids_name='token type ids', rngs=rngs)
+                        if cfg.type_vocab_size else None)
+    self.norm = make_norm(cfg, rngs=rngs) if cfg.embed_norm else None
+    self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+
+  def __call__(self, ids, positions, *, token_types=None, deterministic=True):
+    cfg = self.cfg
+    check_token_ids(ids, cfg.vocab_size, 'input token ids')
+    x = self.embed(ids).astype(cfg.compute_dtype)  # scaled by sqrt(D) when model.embed_scale
+    kind = cfg.position.kind
+    if kind == 'learned':
+      x = x + self.positions(positions).astype(x.dtype)
+    elif kind == 'sinusoidal':
+      x = x + pos_lib.sinusoidal(positions, cfg.d_model).astype(x.dtype)
+    if self.token_types is not None:
+      tt = jnp.zeros_like(ids) if token_types is None else token_types
+      x = x + self.token_types(tt).astype(x.dtype)
+    if self.norm is not None:
+      x = self.norm(x)
+    x = self.dropout(x, deterministic=deterministic)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+
+class LMHead(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, embed: Embed, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = embed if cfg.tie_embeddings else None
+    # The vocabulary bias (BERT's decoder bias, BART's final_logits_bias) is kept separately so
+    # that it exists for tied and untied heads alike.
+    self.head = None if cfg.tie_embeddings else make_head(cfg.replace(head_bias=False), rngs=rngs)
+    self.bias = (param(rngs, zeros, (cfg.vocab_size,), ('vocab',), cfg.params_dtype)
+                 if cfg.head_bias else None)
+
+  def __call__(self, h):
+    cfg = self.cfg
+    if cfg.logits_scale is not None:
+      h = h * jnp.asarray(cfg.logits_scale, h.dtype)
+    logits = self.embed.attend(h) if self.head is None else self.head(h)
+    logits = logits.astype(jnp.float32)
+    if self.bias is not None:
+      logits = logits + self.bias[...].astype(jnp.float32)
+    if cfg.final_logit_softcap:
+      c = cfg.final_logit_softcap
+      logits = c * jnp.tanh(logits / c)
+    return constrain(logits, ('batch', 'length', 'vocab'))

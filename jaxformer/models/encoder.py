@@ -1,0 +1,103 @@
+"""Bidirectional encoder: BERT and RoBERTa are configurations of it (CATALOG E2).
+
+    h = Encoder(embed(tokens) + P + T)        (post-norm, embedding LayerNorm)
+    MLM logits = LN(act(h W_t + b_t)) E^T + b  (tied decoder, Devlin et al. 2019)
+    pooled = tanh(h_[CLS] W_p + b_p);  class logits = dropout(pooled) W_c + b_c
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.attention import AttentionMask
+from jaxformer.config import ModelConfig
+from jaxformer.layers.base import make_init, param, zeros
+from jaxformer.layers.ffn import activation
+from jaxformer.layers.norms import make_norm
+from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, default_positions
+from jaxformer.models.stack import Stack
+
+
+class Dense(nnx.Module):
+  """y = x W + b with logical names (used by heads; the layers use their own projections)."""
+
+  def __init__(self, din: int, dout: int, cfg: ModelConfig, *, names=('embed', 'mlp'),
+               rngs: nnx.Rngs):
+    self.w = param(rngs, make_init(cfg.init, cfg.init_std), (din, dout), names, cfg.params_dtype)
+    self.b = param(rngs, zeros, (dout,), names[1:], cfg.params_dtype)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x):
+    return (x.astype(self.dtype) @ self.w[...].astype(self.dtype)
+            + self.b[...].astype(self.dtype))
+
+
+class Pooler(nnx.Module):
+  """tanh(h_0 W + b) on the first ([CLS]) token."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dense = Dense(cfg.d_model, cfg.d_model, cfg, names=('embed', 'mlp'), rngs=rngs)
+
+  def __call__(self, h):
+    return jnp.tanh(self.dense(h[:, 0]))
+
+
+class Classifier(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
+    self.dense = Dense(cfg.d_model, cfg.num_labels, cfg, names=('embed', None), rngs=rngs)
+
+  def __call__(self, pooled, *, deterministic=True):
+    return self.dense(self.dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
+
+
+class MLMHead(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, embed, *, rngs: nnx.Rngs):
+    self.act = cfg.ffn.activation
+    self.transform = Dense(cfg.d_model, cfg.d_model, cfg, names=('embed', 'mlp'), rngs=rngs)
+    self.norm = make_norm(cfg, rngs=rngs)
+    self.decoder = LMHead(cfg, embed, rngs=rngs)
+
+  def __call__(self, h):
+    return self.decoder(self.norm(activation(self.act)(self.transform(h))))
+
+
+class EncoderModel(nnx.Module):
+  """Returns MLM logits when `model.mlm_head`, else class logits when `model.num_labels`, else the
+  final hidden states, in `ModelOutput.logits`; `pooled` holds the pooler output."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedder = TokenEmbedder(cfg, rngs=rngs)
+    self.stack = Stack(cfg, cfg.num_layers, causal=False, rngs=rngs)
+    self.final_norm = make_norm(cfg, rngs=rngs) if cfg.final_norm else None
+    self.mlm = MLMHead(cfg, self.embedder.embed, rngs=rngs) if cfg.mlm_head else None
+    self.pooler = Pooler(cfg, rngs=rngs) if cfg.pooler else None
+    self.classifier = Classifier(cfg, rngs=rngs) if cfg.num_labels else None
+
+  def __call__(self, tokens, *, segment_ids=None, positions=None, token_types=None,
+               deterministic: bool = True) -> ModelOutput:
+    b, t = tokens.shape
+    if t > self.cfg.max_length:
+      raise ValueError(f'sequence length {t} exceeds model.max_length={self.cfg.max_length}')
+    if positions is None:
+      positions = default_positions(segment_ids, b, t)
+    mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                         q_positions=positions, kv_positions=positions,
+                         window=self.cfg.attention.window)
+    x = self.embedder(tokens, positions, token_types=token_types, deterministic=deterministic)
+    x, _, aux = self.stack(x, mask, token_ids=tokens, deterministic=deterministic)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    pooled = self.pooler(x) if self.pooler is not None else None
+    if self.mlm is not None:
+      logits = self.mlm(x)
+    elif self.classifier is not None:
+      logits = self.classifier(pooled if pooled is not None else x[:, 0],
+                               deterministic=deterministic)
+    else:
+      logits = x
+    return ModelOutput(logits=logits, aux=aux, hidden=x, pooled=pooled)

@@ -1,0 +1,109 @@
+"""Model families as configurations of the same blocks (CATALOG E1-E7).
+
+`family('llama', d_model=..., ...)` returns a validated ModelConfig; keyword overrides use the
+ModelConfig field names, and nested sections may be given as dicts
+(`attention={'num_kv_heads': 2}`), merged over the family's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxformer.config import ConfigError, ModelConfig
+
+_FAMILIES: dict[str, dict[str, Any]] = {
+    # Radford et al. 2019: learned positions, pre-LN, tanh GELU, biases, tied head.
+    'gpt2': dict(
+        family='decoder', norm='layernorm', norm_eps=1e-5, norm_position='pre',
+        attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='learned'), ffn=dict(activation='gelu_tanh', bias=True),
+        tie_embeddings=True, scaled_residual_init=True),
+    # Touvron et al. 2023: RMSNorm, RoPE, SwiGLU, GQA, no biases, untied head.
+    'llama': dict(
+        family='decoder', norm='rmsnorm', norm_eps=1e-6, norm_bias=False, norm_position='pre',
+        position=dict(kind='rope', rope_theta=10000.0),
+        ffn=dict(activation='silu', gated=True, bias=False), tie_embeddings=False),
+    # Jiang et al. 2023: LLaMA with a sliding window.
+    'mistral': dict(
+        family='decoder', norm='rmsnorm', norm_eps=1e-5, norm_bias=False,
+        attention=dict(window=4096), position=dict(kind='rope', rope_theta=1e6),
+        ffn=dict(activation='silu', gated=True, bias=False), tie_embeddings=False),
+    # Jiang et al. 2024: Mistral with top-2 of 8 experts.
+    'mixtral': dict(
+        family='decoder', norm='rmsnorm', norm_eps=1e-5, norm_bias=False,
+        position=dict(kind='rope', rope_theta=1e6),
+        ffn=dict(activation='silu', gated=True, bias=False), tie_embeddings=False,
+        moe=dict(num_experts=8, top_k=2, router='topk', normalize_top_k=True)),
+    # Devlin et al. 2019: post-LN, learned positions, token types, embedding LN, MLM head.
+    'bert': dict(
+        family='encoder', norm='layernorm', norm_eps=1e-12, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='learned', max_length=512), ffn=dict(activation='gelu', bias=True),
+        type_vocab_size=2, mlm_head=True, head_bias=True, tie_embeddings=True, max_length=512),
+    # Liu et al. 2019: BERT without NSP/token types, positions offset by padding_idx + 1 = 2.
+    'roberta': dict(
+        family='encoder', norm='layernorm', norm_eps=1e-5, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='learned', offset=2, max_length=514),
+        ffn=dict(activation='gelu', bias=True), type_vocab_size=1, mlm_head=True,
+        head_bias=True, tie_embeddings=True, pad_id=1, max_length=512),
+    # Raffel et al. 2020: RMSNorm, bucketed relative bias, no score scaling, ReLU, tied head
+    # scaled by d^-0.5.
+    't5': dict(
+        family='encoder_decoder', norm='rmsnorm', norm_eps=1e-6, norm_bias=False,
+        attention=dict(scale=1.0), position=dict(kind='t5'),
+        ffn=dict(activation='relu', bias=False), tie_embeddings=True),
+    # T5 v1.1: gated GELU (tanh), untied head.
+    't5_v1_1': dict(
+        family='encoder_decoder', norm='rmsnorm', norm_eps=1e-6, norm_bias=False,
+        attention=dict(scale=1.0), position=dict(kind='t5'),
+        ffn=dict(activation='gelu_tanh', gated=True, bias=False), tie_embeddings=False),
+    # Lewis et al. 2020: post-LN, learned positions offset 2, embedding LN, final logits bias.
+    'bart': dict(
+        family='encoder_decoder', norm='layernorm', norm_eps=1e-5, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='learned', offset=2, max_length=1024),
+        ffn=dict(activation='gelu', bias=True), tie_embeddings=True, head_bias=True,
+        pad_id=1, max_length=1024),
+    # Vaswani et al. 2017: post-LN, sinusoidal, ReLU, sqrt(d) embedding scale, shared embeddings.
+    'transformer': dict(
+        family='encoder_decoder', norm='layernorm', norm_eps=1e-6, norm_position='post',
+        final_norm=False, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='sinusoidal'), ffn=dict(activation='relu', bias=True),
+        embed_scale=True, tie_embeddings=True, init='xavier'),
+    # Dosovitskiy et al. 2021: pre-LN encoder over patches, CLS token, learned positions.
+    'vit': dict(
+        family='vit', norm='layernorm', norm_eps=1e-12, norm_position='pre',
+        attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='none'),
+        ffn=dict(activation='gelu', bias=True), pooler=True),
+    # Bahdanau et al. 2015 / Luong et al. 2015 baseline.
+    'rnn': dict(family='rnn_seq2seq', position=dict(kind='none')),
+}
+
+
+def names() -> list[str]:
+  return sorted(_FAMILIES)
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def family_dict(name: str, **overrides) -> dict[str, Any]:
+  if name not in _FAMILIES:
+    raise ConfigError(f'model family {name!r} is invalid: allowed values are {names()}')
+  overrides = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+               for k, v in overrides.items()}
+  return _merge(_FAMILIES[name], overrides)
+
+
+def family(name: str, **overrides) -> ModelConfig:
+  """A validated ModelConfig for a named family with field overrides."""
+  return ModelConfig.from_dict(family_dict(name, **overrides))

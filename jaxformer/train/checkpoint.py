@@ -1,0 +1,394 @@
+"""Checkpoints: Orbax `CheckpointManager` with corruption fallback, shape checks and preemption.
+
+Layout: `<workdir>/checkpoints/<step>/{state, extras}`. `state` is the train-state pytree
+(`ocp.args.StandardSave`); `extras` is one JSON object (data-iterator state, RNG, config hash,
+metrics; `ocp.args.JsonSave`). Both are items of the same step, so they commit together: Orbax
+writes the step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only after every
+item is written (on object stores, where rename is not atomic, a `commit_success.txt` marks the
+commit instead). A step directory is therefore complete or absent; a save killed half-way
+leaves only a tmp directory that is never listed as a step and is removed on the next start.
+
+Guarantees on top of Orbax:
+  * a non-finite state (NaN/Inf) is refused before it can replace a good checkpoint
+    (`assert_finite`);
+  * `restore` compares the checkpoint's metadata tree with the target abstract state before
+    reading any array, and refuses an incompatible checkpoint naming the first mismatching
+    parameter path and both shapes (`IncompatibleCheckpointError`);
+  * an unreadable latest checkpoint (truncated or missing files, garbled metadata) is reported
+    with a warning naming the step and the error, moved aside to `<workdir>/checkpoints_corrupt`,
+    and the previous good step is used; if checkpoints exist but none can be read, `restore`
+    raises `CheckpointError` rather than letting training restart from scratch;
+  * `PreemptionHandler` turns SIGTERM/SIGINT into a flag the train loop polls, so it can save,
+    wait for the write to finish, and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+STATE = 'state'
+EXTRAS = 'extras'
+CHECKPOINT_DIR = 'checkpoints'
+CORRUPT_DIR = 'checkpoints_corrupt'
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint's tree or shapes differ from the state it should be restored into."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A state holds NaN or Inf and must not be written over a good checkpoint."""
+
+
+def path_str(path) -> str:
+  """'a/0/b' for a jax key path; the trailing `.value` of NNX variables is dropped."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  if len(parts) > 1 and parts[-1] == 'value':
+    parts.pop()
+  return '/'.join(parts)
+
+
+def flatten(tree) -> dict[str, Any]:
+  """Leaves keyed by `path_str`, in tree order."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_str(path): leaf for path, leaf in leaves}
+
+
+def _is_inexact(leaf) -> bool:
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None:
+    return isinstance(leaf, float)
+  return not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.issubdtype(
+      dtype, jnp.inexact)
+
+
+@jax.jit
+def _finite_flags(leaves):
+  return [jnp.isfinite(x).all() for x in leaves]
+
+
+def assert_finite(tree, what: str = 'state') -> None:
+  """Raises `NonFiniteError` naming the first leaf of `tree` that holds a NaN or Inf.
+
+  Only floating and complex leaves are checked (integer counters and PRNG keys cannot be
+  non-finite); all checks run in one jitted call with a single device-to-host transfer.
+  """
+  named = [(name, leaf) for name, leaf in flatten(tree).items() if _is_inexact(leaf)]
+  if not named:
+    return
+  flags = jax.device_get(_finite_flags([jnp.asarray(leaf) for _, leaf in named]))
+  bad = [name for (name, _), ok in zip(named, flags) if not ok]
+  if bad:
+    raise NonFiniteError(
+        f'{what} has NaN/Inf values in {len(bad)} of {len(named)} arrays, first at '
+        f'{bad[0]!r}; refusing to save it over a good checkpoint')
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  """The stored shape: typed PRNG keys are saved as their key data (e.g. threefry adds (2,))."""
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    leaf = jax.eval_shape(jax.random.key_data, leaf)
+  shape = getattr(leaf, 'shape', None)
+  return tuple(shape) if shape is not None else np.shape(leaf)
+
+
+def check_compatible(checkpoint_tree, target_tree, *, where: str = 'checkpoint') -> None:
+  """Raises `IncompatibleCheckpointError` unless both trees have the same paths and shapes.
+
+  `checkpoint_tree` is the Orbax metadata tree (leaves carry `.shape`), `target_tree` the
+  abstract state to restore into. The message names the first mismatching path and both
+  shapes, and how many other paths mismatch. Dtypes may differ: Orbax casts on restore.
+  """
+  saved, wanted = flatten(checkpoint_tree), flatten(target_tree)
+  problems = []
+  for name, leaf in wanted.items():
+    if name not in saved:
+      problems.append(f'parameter {name!r} with shape {_shape(leaf)} in the model is missing '
+                      'from the checkpoint')
+    elif _shape(saved[name]) != _shape(leaf):
+      problems.append(f'parameter {name!r} has shape {_shape(saved[name])} in the checkpoint '
+                      f'but {_shape(leaf)} in the model')
+  for name, leaf in saved.items():
+    if name not in wanted:
+      problems.append(f'parameter {name!r} with shape {_shape(leaf)} in the checkpoint does '
+                      'not exist in the model')
+  if problems:
+    more = f' (and {len(problems) - 1} more mismatches)' if len(problems) > 1 else ''
+    raise IncompatibleCheckpointError(
+        f'{where} does not fit the model: {problems[0]}{more}. Use a workdir that matches this '
+        'config, or start a new one.')
+
+
+def to_json(tree, path: str = 'extras'):
+  """A JSON-ready copy of `tree`: mappings, sequences, scalars; arrays become lists.
+
+  Raises TypeError naming the offending path for anything else (bytes, objects, PRNG keys),
+  before any file is written.
+  """
+  if isinstance(tree, Mapping):
+    return {str(k): to_json(v, f'{path}.{k}') for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [to_json(v, f'{path}[{i}]') for i, v in enumerate(tree)]
+  if tree is None or isinstance(tree, (bool, int, float, str)):
+    return tree
+  if isinstance(tree, (np.ndarray, np.generic, jax.Array)):
+    if jax.dtypes.issubdtype(tree.dtype, jax.dtypes.prng_key):
+      raise TypeError(f'{path} is a PRNG key array; store jax.random.key_data(key) instead')
+    return np.asarray(tree).tolist()
+  raise TypeError(f'{path} of type {type(tree).__name__} cannot be stored as JSON; convert it '
+                  '(e.g. decode bytes with json.loads) before saving')
+
+
+def _with_default_sharding(target):
+  """Abstract leaves without a sharding are restored onto the first local device.
+
+  Without this Orbax falls back to the sharding recorded at save time, which depends on the
+  topology of the run that wrote the checkpoint.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def fill(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+    return leaf
+
+  return jax.tree.map(fill, target)
+
+
+def _short(error: BaseException) -> str:
+  """One line for a log message: the root cause (Orbax wraps TensorStore errors generically)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  text = text if len(text) <= 300 else text[:300] + '...'
+  return f'{type(error).__name__}: {text}'
+
+
+class Checkpointer:
+  """Periodic, asynchronous, keep-N checkpoints of a train state plus JSON extras.
+
+  Typical loop::
+
+    ckpt = Checkpointer(workdir, keep=3, save_interval_steps=1000)
+    restored = ckpt.restore(abstract_state)   # None on a fresh workdir
+    start, state, extras = restored if restored else (0, init_state, {})
+    with PreemptionHandler() as preemption:
+      for step in range(start, num_steps):
+        state = train_step(state, batch)
+        if preemption.should_stop:
+          ckpt.save(step, state, extras, force=True)
+          break
+        ckpt.save(step, state, extras)   # writes only every save_interval_steps
+    ckpt.close()                         # waits for the last asynchronous write
+  """
+
+  def __init__(self, workdir, *, keep: int | None = 3, async_save: bool = True,
+               save_interval_steps: int = 1000):
+    if keep is not None and keep < 1:
+      raise ValueError(f'keep={keep} is invalid: keep at least 1 checkpoint, or None for all')
+    if save_interval_steps < 1:
+      raise ValueError(f'save_interval_steps={save_interval_steps} is invalid: must be >= 1')
+    self.workdir = epath.Path(workdir)
+    self.directory = self.workdir / CHECKPOINT_DIR
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE, ocp.args.StandardSave)
+    registry.add(STATE, ocp.args.StandardRestore)
+    registry.add(EXTRAS, ocp.args.JsonSave)
+    registry.add(EXTRAS, ocp.args.JsonRestore)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, handler_registry=registry)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest committed (or, with async saves, in-flight) step, or None."""
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, extras: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Saves `state` and `extras` as one step if the save interval (or `force`) asks for it.
+
+    Without `force`, a step is saved when it is a multiple of `save_interval_steps` or when
+    no checkpoint exists yet (Orbax's initial-save policy, which proves early that saving
+    works). A step that is already saved is a no-op. Returns whether a save was started.
+    With `async_save` the arrays are copied off the
+    devices before this returns and written in the background; call `wait()` before relying
+    on the files. Raises `NonFiniteError` for a NaN/Inf state and TypeError for non-JSON
+    extras, in both cases before anything is written.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    assert_finite(state, f'state at step {step}')
+    payload = to_json(dict(extras or {}))
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            EXTRAS: ocp.args.JsonSave(payload)
+        }),
+        force=True)
+
+  def wait(self) -> None:
+    """Blocks until an asynchronous save has committed; re-raises its error if it failed."""
+    self._manager.wait_until_finished()
+
+  def _restore_step(self, step: int, target):
+    metadata = self._manager.item_metadata(step)
+    tree = metadata[STATE] if STATE in metadata else None
+    if tree is None:
+      raise FileNotFoundError(f'no readable metadata for item {STATE!r}')
+    check_compatible(getattr(tree, 'tree', tree), target,
+                     where=f'checkpoint step {step} in {self.directory}')
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(_with_default_sharding(target)),
+            EXTRAS: ocp.args.JsonRestore()
+        }))
+    return restored[STATE], dict(restored[EXTRAS] or {})
+
+  def restore(self, target, *, step: int | None = None):
+    """Restores into the structure, shapes and shardings of `target` (an abstract state).
+
+    Returns `(step, state, extras)` from the newest readable step (or exactly `step`), or None
+    when no checkpoint exists. Unreadable newer steps are logged, moved to
+    `<workdir>/checkpoints_corrupt` and skipped. Raises `IncompatibleCheckpointError` when the
+    newest readable checkpoint does not fit `target`, and `CheckpointError` when checkpoints
+    exist but none can be read.
+    """
+    self.wait()
+    if step is not None:
+      state, extras = self._restore_step(step, target)
+      return step, state, extras
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failed = []
+    for candidate in steps:
+      try:
+        state, extras = self._restore_step(candidate, target)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as error:  # pylint: disable=broad-exception-caught
+        failed.append((candidate, _short(error)))
+        log.warning('checkpoint step %d in %s cannot be restored (%s); %s', candidate,
+                    self.directory, _short(error),
+                    'trying the previous one' if candidate != steps[-1] else 'no older one left')
+        continue
+      if failed:
+        self._move_aside([s for s, _ in failed])
+        log.warning('restored checkpoint step %d after skipping unreadable step(s) %s',
+                    candidate, [s for s, _ in failed])
+      return candidate, state, extras
+    reasons = '; '.join(f'step {s}: {reason}' for s, reason in failed)
+    raise CheckpointError(
+        f'{len(steps)} checkpoint(s) exist in {self.directory} but none can be restored '
+        f'({reasons}). Refusing to start from scratch: repair or remove them, or choose '
+        'another --workdir.')
+
+  def _move_aside(self, steps: Sequence[int]) -> None:
+    """Moves unreadable steps out of the manager's directory so training can save them anew."""
+    if jax.process_index() == 0:
+      corrupt = self.workdir / CORRUPT_DIR
+      corrupt.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        source = self.directory / str(step)
+        destination = corrupt / str(step)
+        suffix = 1
+        while destination.exists():
+          destination = corrupt / f'{step}.{suffix}'
+          suffix += 1
+        source.rename(destination)
+        log.warning('moved unreadable checkpoint step %d to %s', step, destination)
+    self._manager.reload()
+
+  def close(self) -> None:
+    """Waits for pending writes and releases Orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionHandler:
+  """Context manager turning SIGTERM/SIGINT into `should_stop` for the train loop to poll.
+
+  The loop checks `should_stop` once per step; when set it saves with `force=True`, waits and
+  exits normally, so a preempted job leaves a complete checkpoint of the step it reached. A
+  second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. The previous handlers come
+  back on exit. Signals can only be installed from the main thread.
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
+    self._previous: dict[int, Any] = {}
+    self.signal: int | None = None
+
+  @property
+  def should_stop(self) -> bool:
+    return self.signal is not None
+
+  @property
+  def signal_name(self) -> str | None:
+    return None if self.signal is None else signal.Signals(self.signal).name
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signum
+    log.warning('received %s: the train loop will save a checkpoint and stop',
+                signal.Signals(signum).name)
+
+  def __enter__(self) -> PreemptionHandler:
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError('PreemptionHandler must be entered from the main thread')
+    self.signal = None
+    self._previous = {s: signal.signal(s, self._handle) for s in self._signals}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}

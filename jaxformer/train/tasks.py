@@ -1,0 +1,98 @@
+"""Objectives: how a batch feeds a model and becomes a loss (CATALOG F6).
+
+A task maps the batch schema of `jaxformer.data` to a model call and a scalar loss plus metrics.
+Every loss is a token- (or example-) weighted mean in float32; MoE auxiliary losses are added
+with `model.moe.load_balance_weight` and `model.moe.z_loss_weight`.
+
+    lm              decoder: inputs, targets, segment_ids, positions, loss_mask
+    mlm             encoder: inputs, targets, loss_mask, segment_ids
+    seq2seq         encoder-decoder / RNN: encoder_inputs, decoder_inputs, decoder_targets, ...
+    span_corruption the seq2seq schema (T5)
+    denoise         the seq2seq schema (BART)
+    classification  encoder / ViT: inputs (or images), label
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.config import ModelConfig, check_choice
+from jaxformer.train.losses import cross_entropy
+
+TASKS = ('lm', 'mlm', 'seq2seq', 'span_corruption', 'denoise', 'classification')
+SEQ2SEQ = ('seq2seq', 'span_corruption', 'denoise')
+FAMILY_TASKS = {
+    'decoder': ('lm',),
+    'encoder': ('mlm', 'classification'),
+    'encoder_decoder': SEQ2SEQ,
+    'rnn_seq2seq': SEQ2SEQ,
+    'vit': ('classification',),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+
+
+def check_task(task: str, model: ModelConfig) -> None:
+  check_choice('data.task', task, TASKS)
+  allowed = FAMILY_TASKS[model.family]
+  if task not in allowed:
+    raise ValueError(f'data.task={task!r} does not fit model.family={model.family!r}: '
+                     f'allowed tasks are {list(allowed)}')
+
+
+def model_inputs(task: str, batch: dict) -> tuple[tuple, dict]:
+  """(positional args, keyword args) for the model call."""
+  if task == 'lm':
+    return (batch['inputs'],), dict(segment_ids=batch.get('segment_ids'),
+                                    positions=batch.get('positions'))
+  if task in SEQ2SEQ:
+    return (batch['encoder_inputs'], batch['decoder_inputs']), dict(
+        encoder_segment_ids=batch.get('encoder_segment_ids'),
+        decoder_segment_ids=batch.get('decoder_segment_ids'))
+  if 'images' in batch:
+    return (batch['images'],), {}
+  return (batch['inputs'],), dict(segment_ids=batch.get('segment_ids'),
+                                  token_types=batch.get('token_types'))
+
+
+def targets_and_mask(task: str, batch: dict):
+  if task in SEQ2SEQ:
+    tgt = batch['decoder_targets']
+    mask = batch.get('loss_mask', batch.get('decoder_segment_ids'))
+  elif task == 'classification':
+    tgt, mask = batch['label'], None
+  else:
+    tgt = batch['targets']
+    mask = batch.get('loss_mask', batch.get('segment_ids'))
+  mask = jnp.ones(tgt.shape, jnp.float32) if mask is None else (mask != 0).astype(jnp.float32)
+  return tgt, mask
+
+
+def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: LossConfig, *,
+                 deterministic: bool):
+  """-> (total loss, metrics dict of float32 scalars)."""
+  args, kwargs = model_inputs(task, batch)
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
+  out = model(*args, deterministic=deterministic, **kwargs)
+  logits = out.logits
+  if task == 'classification' and logits.ndim == 3:
+    raise ValueError('classification needs model.num_labels > 0')
+  targets, mask = targets_and_mask(task, batch)
+  loss, metrics = cross_entropy(logits, targets, mask=mask,
+                                label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+  total = loss
+  for name, weight in (('load_balance_loss', cfg.moe.load_balance_weight),
+                       ('router_z_loss', cfg.moe.z_loss_weight)):
+    if name in out.aux:
+      total = total + weight * out.aux[name]
+      metrics[name] = out.aux[name].astype(jnp.float32)
+  metrics = dict(metrics)
+  metrics['total_loss'] = total
+  return total, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

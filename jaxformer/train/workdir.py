@@ -1,0 +1,134 @@
+"""The run's work directory: checked for writes before any compute, and its records.
+
+`prepare_workdir` fails in the first second of a run, with the path, the OS error and what to
+do, instead of after hours of training at the first checkpoint. The records written next to
+the checkpoints let a reader tell what produced them:
+
+  config.json  the resolved config as JSON (sorted keys; `config_hash` hashes this form)
+  config.txt   the config's repr (the YAML-like dump of a ConfigDict, a dataclass's repr)
+  params.txt   `param_summary` of the model state: path, shape, dtype, count, total
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxformer.train.checkpoint import flatten
+
+
+class WorkdirError(RuntimeError):
+  """The work directory cannot be created or written."""
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  """Writes via a temporary file and a rename, so readers never see half a file."""
+  tmp = path.with_name(f'.{path.name}.tmp.{os.getpid()}')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(path) -> pathlib.Path:
+  """Creates `path` (and parents) and proves it writable by writing and deleting a probe file.
+
+  Returns the absolute path. Raises `WorkdirError` naming the path and the OS error.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe.{socket.gethostname()}.{os.getpid()}'
+    probe.write_bytes(b'probe')
+    probe.unlink()
+  except OSError as error:
+    raise WorkdirError(f'cannot write to {path}: {error}; choose another --workdir or fix '
+                       'permissions') from error
+  return path
+
+
+def to_plain(config) -> Any:
+  """JSON-ready nested dicts/lists from a ConfigDict, a (nested) dataclass or a mapping."""
+  if hasattr(config, 'to_dict') and callable(config.to_dict):  # ml_collections.ConfigDict
+    config = config.to_dict()
+  if dataclasses.is_dataclass(config) and not isinstance(config, type):
+    return {f.name: to_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+  if isinstance(config, Mapping):
+    return {str(k): to_plain(v) for k, v in config.items()}
+  if isinstance(config, (list, tuple)):
+    return [to_plain(v) for v in config]
+  if config is None or isinstance(config, (bool, int, float, str)):
+    return config
+  if isinstance(config, np.generic):
+    return config.item()
+  try:
+    dtype = np.dtype(config)  # dtypes and scalar types such as jnp.bfloat16
+  except TypeError:
+    dtype = None
+  return dtype.name if dtype is not None and dtype.kind != 'O' else repr(config)
+
+
+def config_hash(config) -> str:
+  """A short, stable fingerprint of the resolved config (16 hex digits of SHA-256)."""
+  text = json.dumps(to_plain(config), sort_keys=True, separators=(',', ':'))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_config(workdir, config) -> pathlib.Path:
+  """Writes config.json and config.txt into `workdir`; returns the path of config.json."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / 'config.json'
+  _write_text(path, json.dumps(to_plain(config), indent=2, sort_keys=True) + '\n')
+  _write_text(workdir / 'config.txt', repr(config) + '\n')
+  return path
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  raise AssertionError('unreachable')
+
+
+def param_summary(state) -> str:
+  """A table of every array in `state` (arrays or abstract shapes): path, shape, dtype, count.
+
+  The last line gives the total count and memory. Paths are '/'-joined tree keys.
+  """
+  rows = []
+  total = total_bytes = 0
+  for name, leaf in flatten(state).items():
+    shape = tuple(getattr(leaf, 'shape', np.shape(leaf)))
+    dtype = getattr(leaf, 'dtype', np.asarray(leaf).dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    total += count
+    try:
+      total_bytes += count * np.dtype(dtype).itemsize
+    except TypeError:  # PRNG key dtypes have no numpy itemsize
+      pass
+    rows.append((name, str(shape), str(dtype), f'{count:,}'))
+  header = ('path', 'shape', 'dtype', 'count')
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+
+  def line(row):
+    return '  '.join(
+        cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+  lines = [line(header), line(tuple('-' * w for w in widths))]
+  lines += [line(r) for r in rows]
+  lines.append(f'total: {total:,} parameters in {len(rows)} arrays ({_human_bytes(total_bytes)})')
+  return '\n'.join(lines)
+
+
+def save_param_summary(workdir, state) -> pathlib.Path:
+  """Writes `param_summary(state)` to params.txt in `workdir`; returns its path."""
+  path = pathlib.Path(workdir) / 'params.txt'
+  _write_text(path, param_summary(state) + '\n')
+  return path
