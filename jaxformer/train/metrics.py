@@ -301,6 +301,13 @@ class ProgressBar:
     self._last = (step, now)
     print(' | '.join(parts), file=self.stream, flush=True)
 
+  def write(self, message: str) -> None:
+    """A line above the bar (or a plain line when no bar is drawn)."""
+    if self._bar is not None:
+      self._bar.write(message, file=self.stream)
+    else:
+      print(message, file=self.stream, flush=True)
+
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()

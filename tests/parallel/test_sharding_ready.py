@@ -33,6 +33,6 @@ def test_llama_forward_sharded_over_8_devices_equals_single_device():
   def fwd(m, t):
     return m(t).logits
 
-  with jax.sharding.use_mesh(mesh), logical_rules(rules):
+  with jax.set_mesh(mesh), logical_rules(rules):
     out = fwd(model, toks)
   chex.assert_trees_all_close(out, ref, atol=1e-5)

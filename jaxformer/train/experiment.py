@@ -1,0 +1,194 @@
+"""The whole experiment config, validated before anything is built or compiled.
+
+A config file (`configs/*.py`) returns an `ml_collections.ConfigDict` with the sections
+
+  model     jaxformer.config.ModelConfig fields (usually `models.family_dict('llama', ...)`)
+  data      jaxformer.data.config.DataConfig fields
+  optim     jaxformer.train.optimizer.OptimConfig fields
+  train     TrainConfig fields below
+  parallel  ParallelConfig fields below
+
+`Experiment.from_config` turns it into frozen dataclasses; every error names the dotted field
+and the allowed values, and cross-section checks (task vs family, sequence length vs the model's
+limit, batch size vs devices) run here, before compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
+from jaxformer.data.config import DataConfig
+from jaxformer.train import tasks
+from jaxformer.train.optimizer import OptimConfig
+
+NONFINITE = ('stop', 'skip')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop settings. Steps count optimizer updates; one step consumes `batch_size` examples
+  (split into `optim.grad_accum_steps` micro-batches)."""
+  seed: int = 0
+  batch_size: int = 16
+  steps: int = 1000
+  log_every: int = 50
+  eval_every: int = 500
+  eval_batches: int = 8
+  test_batches: int = 0
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+  nonfinite: str = 'stop'
+  progress: bool = True
+  tensorboard: bool = True
+  sample_prompt: str = ''
+  sample_tokens: int = 0
+  sample_temperature: float = 0.0
+  sample_top_k: int = 0
+  sample_top_p: float = 1.0
+
+  def validate(self) -> None:
+    check_choice('train.nonfinite', self.nonfinite, NONFINITE)
+    for name in ('batch_size', 'steps', 'log_every', 'eval_every', 'checkpoint_every',
+                 'keep_checkpoints'):
+      if getattr(self, name) <= 0:
+        fail(f'train.{name}', getattr(self, name), 'must be a positive integer')
+    for name in ('eval_batches', 'test_batches', 'sample_tokens', 'sample_top_k'):
+      if getattr(self, name) < 0:
+        fail(f'train.{name}', getattr(self, name), 'must be >= 0')
+    if not 0.0 <= self.label_smoothing < 1.0:
+      fail('train.label_smoothing', self.label_smoothing, 'must be in [0, 1)')
+    if self.z_loss < 0:
+      fail('train.z_loss', self.z_loss, 'must be >= 0')
+    if not 0.0 < self.sample_top_p <= 1.0:
+      fail('train.sample_top_p', self.sample_top_p, 'must be in (0, 1]')
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """Device mesh and logical-axis rules (CATALOG J).
+
+  `mesh` maps mesh axis names to sizes (-1: all remaining devices). `rules` maps logical axis
+  names used by the layers to mesh axes; the batch is always split over ('data', 'fsdp').
+  """
+  mesh: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {'data': -1, 'fsdp': 1, 'tensor': 1})
+  rules: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {
+      'batch': ('data', 'fsdp'), 'embed': 'fsdp', 'vocab': 'tensor', 'mlp': 'tensor',
+      'heads': 'tensor', 'kv_heads': 'tensor', 'expert': 'fsdp'})
+
+  def validate(self) -> None:
+    sizes = dict(self.mesh)
+    if not sizes or any(not isinstance(v, int) or (v <= 0 and v != -1) for v in sizes.values()):
+      fail('parallel.mesh', sizes, 'must map axis names to positive sizes (one may be -1)')
+    if list(sizes.values()).count(-1) > 1:
+      fail('parallel.mesh', sizes, 'at most one axis may be -1')
+    axes = set(sizes)
+    for name, axis in dict(self.rules).items():
+      flat = axis if isinstance(axis, (tuple, list)) else (axis,)
+      bad = [a for a in flat if a is not None and a not in axes]
+      if bad:
+        fail(f'parallel.rules.{name}', axis, f'names mesh axes {bad} not in parallel.mesh '
+             f'{sorted(axes)}')
+
+  def mesh_shape(self, num_devices: int) -> dict[str, int]:
+    sizes = dict(self.mesh)
+    fixed = 1
+    for v in sizes.values():
+      fixed *= v if v != -1 else 1
+    if -1 in sizes.values():
+      if num_devices % fixed:
+        fail('parallel.mesh', dict(self.mesh),
+             f'fixed axes multiply to {fixed}, which does not divide {num_devices} devices')
+      sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    total = 1
+    for v in sizes.values():
+      total *= v
+    if total != num_devices:
+      fail('parallel.mesh', dict(self.mesh), f'needs {total} devices, found {num_devices}')
+    return sizes
+
+  def rule_items(self) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(self.rules).items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  model: ModelConfig
+  data: DataConfig
+  optim: OptimConfig
+  train: TrainConfig
+  parallel: ParallelConfig
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> 'Experiment':
+    d = _to_plain(config)
+    allowed = {'model', 'data', 'optim', 'train', 'parallel'}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+      raise ConfigError(f'config: unknown section(s) {unknown}; allowed sections are '
+                        f'{sorted(allowed)}')
+    for section in ('model', 'data'):
+      if section not in d:
+        raise ConfigError(f'config.{section} is missing: every config needs a model and a data '
+                          'section')
+    train = _build(TrainConfig, d.get('train', {}), 'train')
+    train.validate()
+    parallel = _build(ParallelConfig, d.get('parallel', {}), 'parallel')
+    parallel.validate()
+    exp = cls(model=ModelConfig.from_dict(d['model']), data=DataConfig.from_dict(d['data']),
+              optim=OptimConfig.from_dict(d.get('optim', {})), train=train, parallel=parallel)
+    exp.validate()
+    return exp
+
+  def validate(self) -> None:
+    m, dcfg, t = self.model, self.data, self.train
+    tasks.check_task(dcfg.task, m)
+    if m.family != 'vit' and dcfg.seq_len > m.max_length:
+      fail('data.seq_len', dcfg.seq_len,
+           f'exceeds the model limit model.max_length={m.max_length}')
+    if dcfg.target_len is not None and dcfg.target_len > m.max_length:
+      fail('data.target_len', dcfg.target_len,
+           f'exceeds the model limit model.max_length={m.max_length}')
+    k = self.optim.grad_accum_steps
+    if t.batch_size % k:
+      fail('train.batch_size', t.batch_size,
+           f'must be divisible by optim.grad_accum_steps={k}')
+
+  def check_devices(self, mesh_shape: Mapping[str, int]) -> None:
+    """The per-micro-batch examples must split evenly over the batch axes of the mesh."""
+    batch_axes = dict(self.parallel.rules).get('batch') or ()
+    batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
+    n = 1
+    for a in batch_axes:
+      n *= mesh_shape.get(a, 1)
+    micro = self.train.batch_size // self.optim.grad_accum_steps
+    if micro % n:
+      fail('train.batch_size', self.train.batch_size,
+           f'gives micro-batches of {micro} examples, which do not split over the {n} devices '
+           f'of the batch mesh axes {tuple(batch_axes)} (jax.device_count()='
+           f'{jax.device_count()}); use a multiple of {n * self.optim.grad_accum_steps}')
+    if self.train.batch_size % jax.process_count():
+      fail('train.batch_size', self.train.batch_size,
+           f'must be divisible by the number of processes ({jax.process_count()})')
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(x):
+  if dataclasses.is_dataclass(x):
+    return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, Mapping):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, tuple):
+    return [_plain(v) for v in x]
+  return x

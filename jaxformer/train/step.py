@@ -1,0 +1,115 @@
+"""Functional train and eval steps (nnx.split / nnx.merge under jax.jit, donated state).
+
+State is a plain pytree {'params': nnx.State, 'opt_state': optax state, 'step': int32}; the model
+structure (graphdef) and non-parameter variables (RNG streams) stay outside it. Dropout keys are
+`fold_in(seed key, step)`, so a resumed run draws exactly the masks of an uninterrupted one.
+
+A step splits the batch into `optim.grad_accum_steps` micro-batches and feeds them through the
+optax transform one by one (optax.MultiSteps applies the averaged update on the last), so one
+step on k micro-batches equals one step on the k-times larger batch. fp16 runs scale the loss
+with flax's DynamicScale; non-finite gradients are dropped by optax.apply_if_finite and counted,
+and the trainer stops (or goes on, by `train.nonfinite`) when the count grows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.train import tasks
+from jaxformer.train.precision import cast_floating
+
+METRIC_SUMS = ('num_tokens',)
+
+
+def split_micro(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B / k, ...] for every array in the batch."""
+  return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def with_dropout_key(rest, key):
+  """`rest` (non-parameter state) with every dropout stream re-keyed from `key`.
+
+  Each stream gets its own key (folded with its index); a stream of stacked layers (a key
+  array) gets one key per layer. Counts restart at 0, so masks depend only on (seed, step).
+  """
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(rest, is_leaf=is_var)
+  out = []
+  for i, v in enumerate(leaves):
+    if isinstance(v, nnx.RngKey) and v.tag == 'dropout':
+      k = jax.random.fold_in(key, i)
+      shape = v[...].shape
+      v = v.replace(jax.random.split(k, shape) if shape else k)
+    elif isinstance(v, nnx.RngCount) and v.tag == 'dropout':
+      v = v.replace(jnp.zeros_like(v[...]))
+    out.append(v)
+  return jax.tree.unflatten(treedef, out)
+
+
+def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
+                    loss_cfg: tasks.LossConfig, tx: optax.GradientTransformation,
+                    accum_steps: int, seed: int, loss_scale=None):
+  """Returns train_step(state, batch) -> (state, metrics)."""
+  base_key = jax.random.key(seed)
+  param_dtype = model_cfg.params_dtype
+
+  def loss_fn(params, batch, key):
+    model = nnx.merge(graphdef, params, with_dropout_key(rest, key))
+    return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False)
+
+  def micro_step(carry, micro):
+    params, opt_state, scale, step, i = carry
+    key = jax.random.fold_in(jax.random.fold_in(base_key, step), i)
+    if scale is not None:
+      grad_fn = scale.value_and_grad(loss_fn, has_aux=True)
+      scale, _, (loss, metrics), grads = grad_fn(params, micro, key)
+    else:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, key)
+    grads = cast_floating(grads, param_dtype)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state, scale, step, i + 1), metrics
+
+  def train_step(state, batch):
+    micro = split_micro(batch, accum_steps)
+    carry = (state['params'], state['opt_state'], state.get('loss_scale'), state['step'],
+             jnp.zeros((), jnp.int32))
+    (params, opt_state, scale, _, _), metrics = jax.lax.scan(micro_step, carry, micro)
+    metrics = {k: (jnp.sum(v) if k in METRIC_SUMS else jnp.mean(v)) for k, v in metrics.items()}
+    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
+    if scale is not None:
+      new_state['loss_scale'] = scale
+      metrics['loss_scale'] = scale.scale
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
+                   loss_cfg: tasks.LossConfig, regular_ids: tuple[int, int] | None = None):
+  """Returns eval_step(params, batch) -> sums {nll_sum, correct_sum, num_tokens[, num_bytes]}.
+
+  `regular_ids` = (lo, hi) marks byte tokens for bits per byte: the loss of every target counts,
+  but only byte targets count as bytes (special tokens such as EOS cost bits but are not bytes).
+  """
+
+  def eval_step(params, batch):
+    # Deterministic: dropout is off, the fresh stream keys only keep the graph well formed.
+    model = nnx.merge(graphdef, params, with_dropout_key(rest, jax.random.key(0)))
+    _, metrics = tasks.compute_loss(model, task, batch, model_cfg, loss_cfg,
+                                    deterministic=True)
+    n = metrics['num_tokens']
+    sums = {'nll_sum': metrics['nll'] * n, 'correct_sum': metrics['accuracy'] * n,
+            'num_tokens': n}
+    if regular_ids is not None and task in ('lm',):
+      targets, mask = tasks.targets_and_mask(task, batch)
+      is_byte = (targets >= regular_ids[0]) & (targets < regular_ids[1])
+      sums['num_bytes'] = jnp.sum(mask * is_byte)
+    return sums
+
+  return eval_step
