@@ -23,7 +23,9 @@ from jaxformer.config import AttentionConfig, ConfigError
 
 # causal: causal masking; padding: segment/padding masks; bias: additive bias (ALiBi, T5);
 # decode: KV-cached incremental decoding; cross: keys from another sequence; window: sliding
-# window; dropout: dropout on probabilities; weights: can sow attention probabilities.
+# window; dropout: dropout on probabilities; weights: can sow attention probabilities;
+# softcap: logit soft-capping; shaw: the call also accepts `value_bias_fn(probs [B, N, T, S])
+# -> [B, T, N, H]`, added to the output (Shaw et al. relative value term).
 FEATURES = frozenset({'causal', 'padding', 'bias', 'decode', 'cross', 'window', 'dropout',
                       'weights', 'softcap', 'shaw'})
 

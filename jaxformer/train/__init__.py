@@ -1,0 +1,1 @@
+"""Training: optimizer.py (OptimConfig, make_optimizer), schedules.py, losses.py, precision.py."""

@@ -192,3 +192,22 @@ def _plain(x):
   if isinstance(x, tuple):
     return [_plain(v) for v in x]
   return x
+
+
+def default_config(*, model: Mapping[str, Any] | None = None,
+                   data: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None,
+                   train: Mapping[str, Any] | None = None,
+                   parallel: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A ConfigDict with every field of every section filled in (defaults, then the given values).
+
+  Config files start from it so that any field can be overridden from the command line
+  (`--config.train.steps=10`), which ConfigDict only allows for keys that exist.
+  """
+  sections = {
+      'model': ModelConfig.from_dict(model or {}),
+      'data': DataConfig.from_dict(data or {}),
+      'optim': OptimConfig.from_dict(optim or {}),
+      'train': _build(TrainConfig, dict(train or {}), 'train'),
+      'parallel': _build(ParallelConfig, dict(parallel or {}), 'parallel'),
+  }
+  return ml_collections.ConfigDict({k: _plain(v) for k, v in sections.items()})

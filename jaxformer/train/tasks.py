@@ -67,7 +67,7 @@ def targets_and_mask(task: str, batch: dict):
     tgt = batch['decoder_targets']
     mask = batch.get('loss_mask', batch.get('decoder_segment_ids'))
   elif task == 'classification':
-    tgt, mask = batch['label'], None
+    tgt, mask = batch['label'], batch.get('loss_mask')
   else:
     tgt = batch['targets']
     mask = batch.get('loss_mask', batch.get('segment_ids'))

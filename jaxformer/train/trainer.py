@@ -83,7 +83,7 @@ class Trainer:
     scale = make_loss_scale(exp.optim)
     if scale is not None:
       state['loss_scale'] = scale
-    self.state = state
+    self.state = self._place(state)
 
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoint,
@@ -100,6 +100,18 @@ class Trainer:
     self.eval_step = jax.jit(make_eval_step(
         self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model,
         loss_cfg=tasks.LossConfig(), regular_ids=regular))
+
+  def _place(self, tree):
+    """Everything not already laid out on the mesh (optimizer counters, step, loss scale) is
+    replicated over it, so jit sees one device set and restored leaves keep their layout."""
+
+    def sharding(x):
+      s = getattr(x, 'sharding', None)
+      if isinstance(s, jax.sharding.NamedSharding) and s.mesh == self.mesh:
+        return s
+      return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    return jax.device_put(tree, jax.tree.map(sharding, tree))
 
   # ---------------------------------------------------------------- checkpoints
   def _restore(self) -> None:

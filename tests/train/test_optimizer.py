@@ -1,0 +1,321 @@
+"""Optimizers and update transforms (CATALOG F1, F3): optax references, masks, accumulation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxformer.config import ConfigError
+from jaxformer.train import optimizer as opt_lib
+from jaxformer.train.optimizer import OptimConfig, make_optimizer
+
+
+def _params(seed=0):
+  k = jax.random.split(jax.random.key(seed), 5)
+  return {
+      'embed': {'embedding': jax.random.normal(k[0], (5, 3))},
+      'dense': {'kernel': jax.random.normal(k[1], (3, 3)), 'bias': jax.random.normal(k[2], (3,))},
+      'final_norm': {'scale': 1.0 + jax.random.normal(k[3], (3,))},
+      'head': {'kernel': jax.random.normal(k[4], (3, 4))},
+  }
+
+
+def _grads(params, seed):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _run(tx, params, num_steps, grads_fn=_grads):
+  state, update = tx.init(params), jax.jit(tx.update)
+  for i in range(num_steps):
+    updates, state = update(grads_fn(params, 100 + i), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _hand_mask(decay_embeddings=True):
+  return {'embed': {'embedding': decay_embeddings}, 'dense': {'kernel': True, 'bias': False},
+          'final_norm': {'scale': False}, 'head': {'kernel': True}}
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_from_configdict_and_errors_name_the_field():
+  c = ml_collections.ConfigDict({'optimizer': 'lion', 'lr': 1, 'adafactor': {'decay_rate': 0.5}})
+  cfg = OptimConfig.from_dict(c)
+  assert cfg.optimizer == 'lion' and cfg.lr == 1.0 and cfg.adafactor.decay_rate == 0.5
+  with pytest.raises(ConfigError, match=r"optim.optimizer='adan'.*'adamw'"):
+    OptimConfig.from_dict({'optimizer': 'adan'})
+  with pytest.raises(ConfigError, match=r'optim.total_steps=None.*warmup_cosine'):
+    OptimConfig.from_dict({'schedule': 'warmup_cosine'})
+  with pytest.raises(ConfigError, match=r"optim.weight_decay.*'adamw'"):
+    OptimConfig.from_dict({'optimizer': 'adam', 'weight_decay': 0.1})
+  with pytest.raises(ConfigError, match=r'optim: unknown field\(s\) \[.lr_max.\]'):
+    OptimConfig.from_dict({'lr_max': 1.0})
+  with pytest.raises(ConfigError, match=r'optim.adafactor.decay_rate'):
+    OptimConfig.from_dict({'adafactor': {'decay_rate': 0.0}})
+  with pytest.raises(ConfigError, match=r'optim.layerwise_lr_decay.*no parameter path'):
+    make_optimizer(OptimConfig(layerwise_lr_decay=0.5), _params())
+
+
+# ---------------------------------------------------------------------------- F1 optimizers
+@pytest.mark.parametrize('name, cfg, reference', [
+    ('adamw', dict(optimizer='adamw', lr=0.01, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1,
+                   decay_embeddings=False),
+     lambda: optax.adamw(0.01, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1,
+                         mask=_hand_mask(decay_embeddings=False))),
+    ('adam', dict(optimizer='adam', lr=0.01, b1=0.8),
+     lambda: optax.adam(0.01, b1=0.8, b2=0.999, eps=1e-8)),
+    ('lion', dict(optimizer='lion', lr=0.001, b1=0.9, weight_decay=0.5),
+     lambda: optax.lion(0.001, b1=0.9, b2=0.99, weight_decay=0.5, mask=_hand_mask())),
+    ('adafactor', dict(optimizer='adafactor', lr=0.01, weight_decay=0.1,
+                       adafactor=dict(min_dim_size_to_factor=2)),
+     lambda: optax.adafactor(0.01, min_dim_size_to_factor=2, weight_decay_rate=0.1,
+                             weight_decay_mask=_hand_mask())),
+    ('sgd', dict(optimizer='sgd', lr=0.1, momentum=0.9, nesterov=True),
+     lambda: optax.sgd(0.1, momentum=0.9, nesterov=True)),
+])
+def test_steps_equal_optax_reference(name, cfg, reference):
+  params = _params()
+  got, _ = _run(make_optimizer(OptimConfig.from_dict(cfg)), params, 3)
+  want, _ = _run(reference(), params, 3)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+  assert not np.allclose(got['dense']['kernel'], params['dense']['kernel']), name
+
+
+def test_adamw_first_step_numpy_oracle():
+  """Step 1 of AdamW: m_hat = g, v_hat = g^2, p -= lr * (g / (|g| + eps) + wd * p * mask)."""
+  lr, wd, eps = 0.01, 0.1, 1e-8
+  params = _params()
+  tx = make_optimizer(OptimConfig(lr=lr, weight_decay=wd, eps=eps, decay_embeddings=False))
+  got, _ = _run(tx, params, 1)
+  g = _grads(params, 100)
+  mask = _hand_mask(decay_embeddings=False)
+  want = jax.tree.map(
+      lambda p, g, m: np.float64(p) - lr * (np.float64(g) / (np.abs(np.float64(g)) + eps)
+                                            + wd * m * np.float64(p)), params, g, mask)
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+def test_decay_mask_rule():
+  params = {
+      'embed': {'embedding': jnp.zeros((8, 4))},
+      'pos_embed': {'table': jnp.zeros((8, 4))},
+      'layers': {'attn': {'kernel': jnp.zeros((3, 4, 4)), 'bias': jnp.zeros((3, 4))},
+                 'ln': {'w': jnp.zeros((3, 4))},
+                 'q_norm': {'w': jnp.zeros((3, 4, 4))},
+                 'self_attn': {'wq': jnp.zeros((3, 4, 2, 2)), 'bq': jnp.zeros((3, 2, 2))},
+                 'moe': {'wi': jnp.zeros((3, 2, 4, 8)), 'bi': jnp.zeros((3, 2, 8))}},
+      'blocks': {0: {'mlp': {'kernel': jnp.zeros((4, 4)), 'b': jnp.zeros((4,))}}},
+      'final_norm': {'scale': jnp.zeros((4,))},
+      'head': {'kernel': jnp.zeros((4, 8)), 'bias': jnp.zeros((8,))},
+      'vit': {'cls': jnp.zeros((1, 1, 4)), 'pos': jnp.zeros((9, 4)),
+              'patch_w': jnp.zeros((12, 4)), 'patch_b': jnp.zeros((4,))},
+  }
+  want = {
+      'embed': {'embedding': True}, 'pos_embed': {'table': True},
+      'layers': {'attn': {'kernel': True, 'bias': False}, 'ln': {'w': False},
+                 'q_norm': {'w': False},
+                 'self_attn': {'wq': True, 'bq': False}, 'moe': {'wi': True, 'bi': False}},
+      'blocks': {0: {'mlp': {'kernel': True, 'b': False}}},
+      'final_norm': {'scale': False}, 'head': {'kernel': True, 'bias': False},
+      'vit': {'cls': True, 'pos': True, 'patch_w': True, 'patch_b': False},
+  }
+  assert opt_lib.decay_mask(params) == want
+  no_embed = opt_lib.decay_mask(params, decay_embeddings=False)
+  assert no_embed['embed']['embedding'] is False and no_embed['pos_embed']['table'] is False
+  assert no_embed['vit'] == {'cls': False, 'pos': False, 'patch_w': False, 'patch_b': False}
+  assert no_embed['head']['kernel'] is True
+
+
+def test_decay_mask_on_nnx_state_with_variables():
+  model = nnx.Sequential(nnx.Embed(6, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)),
+                         nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+  mask = nnx.as_pure(opt_lib.decay_mask(nnx.state(model, nnx.Param), decay_embeddings=False))
+  assert mask['layers'][0]['embedding'] is False
+  assert mask['layers'][1] == {'bias': False, 'scale': False}
+  assert mask['layers'][2] == {'bias': False, 'kernel': True}
+
+
+# ---------------------------------------------------------------------------- F3 transforms
+def test_clipping_scales_by_global_norm():
+  tx = make_optimizer(OptimConfig(optimizer='sgd', lr=1.0, momentum=0.0, grad_clip_norm=1.0))
+  params = {'a': jnp.zeros((2,)), 'b': jnp.zeros((1, 1))}
+  grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([[12.0]])}  # global norm 13
+  updates, _ = tx.update(grads, tx.init(params), params)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -g / 13.0, grads), atol=1e-7)
+  small = jax.tree.map(lambda g: g / 26.0, grads)  # norm 0.5: unchanged
+  updates, _ = tx.update(small, tx.init(params), params)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -g, small), atol=1e-7)
+
+
+def _regression_problem():
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (16, 3))
+  y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.3
+  params = {'w': {'kernel': jax.random.normal(kw, (3, 1))}, 'b': {'bias': jnp.zeros((1,))}}
+  loss = lambda p, x, y: jnp.mean((x @ p['w']['kernel'] + p['b']['bias'] - y[:, None]) ** 2)
+  return params, x, y, jax.jit(jax.grad(loss))
+
+
+@pytest.mark.parametrize('base', [
+    dict(optimizer='adamw', lr=0.05, weight_decay=0.1, grad_clip_norm=0.5,
+         schedule='warmup_linear', warmup_steps=1, total_steps=4),
+    dict(optimizer='sgd', lr=0.05, momentum=0.9, ema_decay=0.5),  # sensitive to the grad scale
+])
+def test_accumulation_of_k_micro_batches_equals_one_big_batch(base):
+  params, x, y, grad = _regression_problem()
+  k = 4
+  big_tx = make_optimizer(OptimConfig.from_dict(base))
+  acc_tx = make_optimizer(OptimConfig.from_dict(dict(base, grad_accum_steps=k)))
+  big, acc = params, params
+  big_state, acc_state = big_tx.init(params), acc_tx.init(params)
+  big_update, acc_update = jax.jit(big_tx.update), jax.jit(acc_tx.update)
+  for _ in range(3):
+    updates, big_state = big_update(grad(big, x, y), big_state, big)
+    big = optax.apply_updates(big, updates)
+    for i in range(k):
+      sl = slice(4 * i, 4 * (i + 1))
+      updates, acc_state = acc_update(grad(acc, x[sl], y[sl]), acc_state, acc)
+      if i < k - 1:
+        chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+      acc = optax.apply_updates(acc, updates)
+    chex.assert_trees_all_close(acc, big, atol=1e-6)
+  if 'ema_decay' in base:  # the EMA moves once per real update, not per micro-batch
+    chex.assert_trees_all_close(opt_lib.ema_params(acc_state), opt_lib.ema_params(big_state),
+                                atol=1e-6)
+  assert not np.allclose(big['w']['kernel'], params['w']['kernel'])
+
+
+def test_layerwise_lr_decay_stacked_layers():
+  decay, num = 0.5, 3
+  params = {'embed': {'embedding': jnp.zeros((5, 2))},
+            'layers': {'mlp': {'kernel': jnp.zeros((num, 2, 2)), 'bias': jnp.zeros((num, 2))}},
+            'head': {'kernel': jnp.zeros((2, 5))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer(OptimConfig(optimizer='sgd', lr=1.0, momentum=0.0,
+                                  layerwise_lr_decay=decay), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  per_layer = np.array([decay ** (num - i) for i in range(num)])  # 0.125, 0.25, 0.5
+  np.testing.assert_allclose(updates['layers']['mlp']['kernel'],
+                             -np.broadcast_to(per_layer[:, None, None], (num, 2, 2)), atol=0)
+  np.testing.assert_allclose(updates['layers']['mlp']['bias'],
+                             -np.broadcast_to(per_layer[:, None], (num, 2)), atol=0)
+  np.testing.assert_allclose(updates['embed']['embedding'], -decay ** (num + 1), atol=0)
+  np.testing.assert_allclose(updates['head']['kernel'], -1.0, atol=0)
+
+
+def test_layerwise_lr_decay_unstacked_layers():
+  decay = 0.8
+  params = {'token_embed': jnp.zeros((4, 2)), 'layers_0': {'w': jnp.zeros((2, 2))},
+            'layers_1': {'w': jnp.zeros((2, 2))},
+            'blocks': [{'w': jnp.zeros((2,))}, {'w': jnp.zeros((2,))}, {'w': jnp.zeros((2,))}],
+            'final_norm': {'scale': jnp.zeros((2,))}}
+  assert opt_lib.num_layers(params) == 3
+  scales = opt_lib.layerwise_lr_scales(params, decay)
+  want = {'token_embed': decay ** 4, 'layers_0': {'w': decay ** 3},
+          'layers_1': {'w': decay ** 2},
+          'blocks': [{'w': decay ** 3}, {'w': decay ** 2}, {'w': decay ** 1}],
+          'final_norm': {'scale': 1.0}}
+  chex.assert_trees_all_close(scales, want)
+  tx = make_optimizer(OptimConfig(optimizer='adam', lr=0.1, layerwise_lr_decay=decay), params)
+  grads = _grads(params, 3)
+  got, _ = tx.update(grads, tx.init(params), params)
+  ref, _ = optax.adam(0.1).update(grads, optax.adam(0.1).init(params), params)
+  chex.assert_trees_all_close(got, jax.tree.map(lambda u, s: u * s, ref, want), atol=1e-7)
+
+
+def test_ema_formula():
+  d, lr = 0.9, 0.1
+  params = _params()
+  tx = make_optimizer(OptimConfig(optimizer='sgd', lr=lr, momentum=0.0, ema_decay=d))
+  state = tx.init(params)
+  p, ema = params, params
+  for i in range(3):
+    g = _grads(params, i)
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    ema = jax.tree.map(lambda e, q: d * e + (1 - d) * q, ema, p)
+  chex.assert_trees_all_close(opt_lib.ema_params(state), ema, atol=1e-6)
+  assert not np.allclose(ema['head']['kernel'], p['head']['kernel'])
+  with pytest.raises(ValueError, match='ema_decay'):
+    opt_lib.ema_params(make_optimizer(OptimConfig()).init(params))
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_skip_nonfinite_leaves_params_unchanged_and_counts(accum):
+  cfg = OptimConfig(lr=0.01, weight_decay=0.1, skip_nonfinite=True, grad_accum_steps=accum)
+  clean_cfg = cfg.replace(skip_nonfinite=False)
+  params = _params()
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(params, 7))
+  bad['head']['kernel'] = bad['head']['kernel'].at[0, 0].set(jnp.inf)
+
+  tx = make_optimizer(cfg)
+  state, update = tx.init(params), jax.jit(tx.update)
+  updates, state = update(bad, state, params)
+  chex.assert_trees_all_equal(optax.apply_updates(params, updates), params)
+  assert int(opt_lib.num_skipped(state)) == 1
+  p = params
+  for i in range(2 * accum):  # the skipped gradient leaves no trace in the later steps
+    updates, state = update(_grads(params, i), state, p)
+    p = optax.apply_updates(p, updates)
+  clean, _ = _run(make_optimizer(clean_cfg), params, 2 * accum,
+                  grads_fn=lambda _, i: _grads(params, i - 100))
+  chex.assert_trees_all_close(p, clean, atol=1e-6)
+  assert int(opt_lib.num_skipped(state)) == 1
+
+
+def test_nnx_optimizer_with_stacked_layers_and_ema():
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(8, 4, rngs=rngs)
+      self.layers = nnx.vmap(lambda r: nnx.Linear(4, 4, rngs=r), in_axes=0, out_axes=0)(
+          rngs.fork().split(3))
+
+    def __call__(self, tokens):
+      def body(h, layer):
+        return layer(h), None
+      h, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+          self.embed(tokens), self.layers)
+      return h
+
+  model = Model(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  assert opt_lib.num_layers(params) == 3
+  mask = nnx.as_pure(opt_lib.decay_mask(params))
+  assert mask['layers'] == {'kernel': True, 'bias': False}
+  cfg = OptimConfig(optimizer='sgd', lr=0.1, momentum=0.0, layerwise_lr_decay=0.5, ema_decay=0.5)
+  optimizer = nnx.Optimizer(model, make_optimizer(cfg, params), wrt=nnx.Param)
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.array([[1, 2]])) ** 2))(model)
+  optimizer.update(model, grads)
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  g = nnx.as_pure(nnx.state(grads, nnx.Param))
+  scale = np.array([0.125, 0.25, 0.5])[:, None, None]
+  np.testing.assert_allclose(after['layers']['kernel'],
+                             before['layers']['kernel'] - 0.1 * scale * g['layers']['kernel'],
+                             atol=1e-6)
+  ema = opt_lib.ema_params(optimizer.opt_state)
+  chex.assert_trees_all_close(ema, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, before, after),
+                              atol=1e-6)
+
+
+def test_layerwise_lr_decay_stacked_groups_of_blocks():
+  """models/stack.py layout: 'layers' stacks groups of g blocks; slice s, block j is layer s*g+j."""
+  decay, groups = 0.5, 2
+  params = {'embedder': {'embed': {'embedding': jnp.zeros((5, 2))}},
+            'stack': {'layers': {'blocks': {0: {'w': jnp.zeros((groups, 2, 2))},
+                                            1: {'moe': {'w': jnp.zeros((groups, 3, 2, 2))}}}}},
+            'head': {'kernel': jnp.zeros((2, 5))}}
+  assert opt_lib.num_layers(params) == 4
+  scales = opt_lib.layerwise_lr_scales(params, decay)
+  blocks = scales['stack']['layers']['blocks']
+  np.testing.assert_array_equal(np.ravel(blocks[0]['w']), [decay ** 4, decay ** 2])  # layers 0, 2
+  np.testing.assert_array_equal(np.ravel(blocks[1]['moe']['w']), [decay ** 3, decay ** 1])
+  assert blocks[1]['moe']['w'].shape == (groups, 1, 1, 1)
+  assert scales['embedder']['embed']['embedding'] == decay ** 5
+  assert scales['head']['kernel'] == 1.0
