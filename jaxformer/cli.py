@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,3 +23,15 @@ def setup_logging() -> None:
   warnings.filterwarnings('ignore', category=DeprecationWarning)
   for name in ('orbax', 'absl', 'grain', 'jax._src'):
     logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def load_run_config(workdir: str, config=None):
+  """The given config, or the resolved config a run saved in its workdir."""
+  if config is not None:
+    return config
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: --workdir must be a jaxformer run directory '
+                            '(or pass --config)')
+  with open(path) as f:
+    return json.load(f)

@@ -41,11 +41,12 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
         position=dict(kind='learned', max_length=512), ffn=dict(activation='gelu', bias=True),
         type_vocab_size=2, mlm_head=True, head_bias=True, tie_embeddings=True, max_length=512),
-    # Liu et al. 2019: BERT without NSP/token types, positions offset by padding_idx + 1 = 2.
+    # Liu et al. 2019: BERT without NSP/token types, positions offset by padding_idx + 1 = 2
+    # (HF's max_position_embeddings=514 rows = 512 positions + the offset).
     'roberta': dict(
         family='encoder', norm='layernorm', norm_eps=1e-5, norm_position='post',
         final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
-        position=dict(kind='learned', offset=2, max_length=514),
+        position=dict(kind='learned', offset=2, max_length=512),
         ffn=dict(activation='gelu', bias=True), type_vocab_size=1, mlm_head=True,
         head_bias=True, tie_embeddings=True, pad_id=1, max_length=512),
     # Raffel et al. 2020: RMSNorm, bucketed relative bias, no score scaling, ReLU, tied head
@@ -82,6 +83,15 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+# Defaults computed from the other fields, applied unless overridden.
+_DERIVED = {
+    # The tied head reads h * d_model**-0.5 (HF T5 `scale_decoder_outputs`, which transformers
+    # derives from tie_word_embeddings); T5 v1.1 is untied and unscaled.
+    't5': lambda d: {'logits_scale': d.get('d_model', ModelConfig.d_model) ** -0.5
+                     if d.get('tie_embeddings', True) else None},
+}
+
+
 def names() -> list[str]:
   return sorted(_FAMILIES)
 
@@ -101,7 +111,10 @@ def family_dict(name: str, **overrides) -> dict[str, Any]:
     raise ConfigError(f'model family {name!r} is invalid: allowed values are {names()}')
   overrides = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                for k, v in overrides.items()}
-  return _merge(_FAMILIES[name], overrides)
+  merged = _merge(_FAMILIES[name], overrides)
+  for k, v in _DERIVED.get(name, lambda d: {})(merged).items():
+    merged.setdefault(k, v)
+  return merged
 
 
 def family(name: str, **overrides) -> ModelConfig:

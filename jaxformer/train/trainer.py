@@ -269,15 +269,23 @@ class Trainer:
   def model(self) -> nnx.Module:
     return nnx.merge(self.graphdef, self.state['params'], self.rest)
 
-  def sample(self, prompt: str, num_tokens: int) -> str:
+  def sample(self, prompt: str, num_tokens: int, *, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None
+             ) -> str:
+    """Continuation of `prompt` (KV-cached decoding; train.sample_* settings by default)."""
     from jaxformer.inference import generate
     t = self.exp.train
     tok = self.tokenizer
-    ids = [tok.bos_id] + list(np.asarray(tok.encode(prompt)).tolist())
+    ids = [tok.bos_id] + np.asarray(tok.encode(prompt)).tolist()
     max_new = min(num_tokens, self.exp.model.max_length - len(ids))
-    out = generate(self.model(), [ids], max_new_tokens=max_new, temperature=t.sample_temperature,
-                   top_k=t.sample_top_k, top_p=t.sample_top_p, stop_tokens=(tok.eos_id,),
-                   seed=t.seed)
+    if max_new <= 0:
+      raise ValueError(f'the prompt ({len(ids)} tokens) leaves no room under '
+                       f'model.max_length={self.exp.model.max_length}')
+    out = generate(self.model(), [ids], max_new_tokens=max_new,
+                   temperature=t.sample_temperature if temperature is None else temperature,
+                   top_k=t.sample_top_k if top_k is None else top_k,
+                   top_p=t.sample_top_p if top_p is None else top_p,
+                   stop_tokens=(tok.eos_id,), seed=t.seed if seed is None else seed)
     n = int(np.asarray(out.lengths)[0])
     return tok.decode(np.asarray(out.tokens)[0, :n].tolist())
 
