@@ -35,3 +35,23 @@ def load_run_config(workdir: str, config=None):
                             '(or pass --config)')
   with open(path) as f:
     return json.load(f)
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Joins a multi-host job through `jax.distributed.initialize()`.
+
+  With no arguments JAX discovers the coordinator on Cloud TPU VMs and under SLURM / Open MPI;
+  elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see launch/).
+  """
+  if not enabled:
+    return
+  import jax
+  kwargs = {}
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
+                  num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                  process_id=int(os.environ['JAX_PROCESS_ID']))
+  jax.distributed.initialize(**kwargs)
+  logging.getLogger('jaxformer').info('process %d of %d, %d local / %d global devices',
+                                      jax.process_index(), jax.process_count(),
+                                      jax.local_device_count(), jax.device_count())

@@ -60,7 +60,7 @@ class TransformerBlock(nnx.Module):
     else:
       self.cross_attn = None
       self.cross_sub = None
-    self.ffn = MoE(cfg, rngs=rngs) if moe else FeedForward(cfg, rngs=rngs)
+    self.ffn = MoE(cfg, causal=causal, rngs=rngs) if moe else FeedForward(cfg, rngs=rngs)
     self.is_moe = moe
     self.ffn_sub = SubLayer(cfg, rngs=rngs)
 
