@@ -274,7 +274,85 @@ class Listops(_Builder):
       yield i, {'text': text, 'label': label}
 
 
+# ----------------------------------------------------------------------------- images
+@dataclasses.dataclass
+class ImagesConfig(tfds.core.BuilderConfig):
+  image_size: int = 32
+  num_train: int = 20_000
+  num_validation: int = 1_000
+  num_test: int = 1_000
+  seed: int = 0
+
+
+IMAGE_CLASSES = ('hbar', 'vbar', 'diag', 'antidiag', 'square', 'cross', 'checker', 'dot',
+                 'hstripes', 'vstripes')
+
+
+def draw_image(rng: random.Random, size: int) -> tuple[np.ndarray, int]:
+  """One noisy RGB image [size, size, 3] uint8 of a random class of IMAGE_CLASSES.
+
+  Each class is a shape or texture at a random place, scale and colour on a random
+  background, with pixel noise, so the label depends on spatial structure, not on colour.
+  """
+  label = rng.randrange(len(IMAGE_CLASSES))
+  kind = IMAGE_CLASSES[label]
+  yy, xx = np.mgrid[:size, :size]
+  cy, cx = rng.randrange(size // 4, 3 * size // 4), rng.randrange(size // 4, 3 * size // 4)
+  r = rng.randrange(size // 8, size // 4)
+  w = max(1, size // 16)
+  shapes = {
+      'hbar': (abs(yy - cy) <= w) & (abs(xx - cx) <= r),
+      'vbar': (abs(xx - cx) <= w) & (abs(yy - cy) <= r),
+      'diag': (abs((yy - cy) - (xx - cx)) <= w) & (abs(xx - cx) <= r),
+      'antidiag': (abs((yy - cy) + (xx - cx)) <= w) & (abs(xx - cx) <= r),
+      'square': (np.maximum(abs(yy - cy), abs(xx - cx)) <= r)
+                & (np.maximum(abs(yy - cy), abs(xx - cx)) > r - w - 1),
+      'cross': ((abs(yy - cy) <= w) | (abs(xx - cx) <= w)) & (abs(yy - cy) <= r)
+               & (abs(xx - cx) <= r),
+      'checker': ((yy // (w + 2) + xx // (w + 2)) % 2 == 0) & (abs(yy - cy) <= r)
+                 & (abs(xx - cx) <= r),
+      'dot': (yy - cy) ** 2 + (xx - cx) ** 2 <= (r // 2 + 1) ** 2,
+      'hstripes': (yy // (w + 1)) % 2 == 0,
+      'vstripes': (xx // (w + 1)) % 2 == 0,
+  }
+  nrng = np.random.default_rng(rng.randrange(2 ** 32))
+  bg, fg = nrng.uniform(0, 255, 3), nrng.uniform(0, 255, 3)
+  while np.abs(bg - fg).max() < 80:
+    fg = nrng.uniform(0, 255, 3)
+  img = np.where(shapes[kind][..., None], fg, bg) + nrng.normal(0, 12, (size, size, 3))
+  return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+class SyntheticImages(_Builder):
+  """Ten classes of procedurally drawn shapes and textures: an offline image classification
+  task for ViT (CIFAR-10 needs TensorFlow to prepare)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [ImagesConfig(name='shapes32', description='32x32 RGB, 10 classes')]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    # A plain uint8 tensor, not tfds.features.Image: encoding images needs TensorFlow.
+    return _info(self, {'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+                        'label': tfds.features.ClassLabel(names=list(IMAGE_CLASSES))},
+                 'Procedural shapes and textures, 10 classes.')
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    return {split: self._generate_examples(_split_seed(c.seed, split), n, c.image_size)
+            for split, n in (('train', c.num_train), ('validation', c.num_validation),
+                             ('test', c.num_test))}
+
+  def _generate_examples(self, seed, n, size):
+    rng = random.Random(seed)
+    for i in range(n):
+      image, label = draw_image(rng, size)
+      yield i, {'image': image, 'label': label}
+
+
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    'synthetic_images': SyntheticImages,
     'python_stdlib': PythonStdlib,
     'synthetic_seq2seq': SyntheticSeq2seq,
     'mqar': Mqar,

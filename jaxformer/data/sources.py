@@ -43,6 +43,7 @@ DEFAULT_FEATURES: dict[str, dict[str, str]] = {
     'synthetic_seq2seq': {'inputs': 'inputs', 'targets': 'targets'},
     'mqar': {'inputs': 'inputs', 'targets': 'targets', 'answer_mask': 'answer_mask'},
     'listops': {'text': 'text', 'label': 'label'},
+    'synthetic_images': {'image': 'image', 'label': 'label'},
     'tiny_shakespeare': {'text': 'text'},
     'lm1b': {'text': 'text'},
     'c4': {'text': 'text'},

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.base import check_token_ids, constrain, normal_init, param, zeros
@@ -40,6 +41,22 @@ def default_positions(segment_ids: jax.Array | None, batch: int, length: int) ->
   idx = jnp.broadcast_to(jnp.arange(length)[None], seg.shape)
   first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
   return (idx - first).astype(jnp.int32)
+
+
+def self_attention_inputs(cfg: ModelConfig, tokens, segment_ids, positions, *, causal: bool,
+                          cache=None, what: str = 'sequence'):
+  """Checks the length, fills in default positions -> (positions, AttentionMask)."""
+  b, t = tokens.shape
+  if cache is None and t > cfg.max_length:
+    raise ValueError(f'{what} length {t} exceeds model.max_length={cfg.max_length}')
+  if positions is None:
+    if cache is not None:
+      raise ValueError('decoding with a cache needs explicit positions for the new tokens')
+    positions = default_positions(segment_ids, b, t)
+  mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                       q_positions=positions, kv_positions=positions, causal=causal,
+                       window=cfg.attention.window)
+  return positions, mask
 
 
 class TokenEmbedder(nnx.Module):

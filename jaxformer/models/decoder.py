@@ -8,14 +8,11 @@ explicit, functional KV cache for incremental decoding (`init_cache`, then call 
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers.norms import make_norm
-from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, default_positions
+from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
 
 
@@ -41,16 +38,8 @@ class DecoderLM(nnx.Module):
     positions [B, T]: absolute positions (default: restart at 0 in every segment). With a
     cache, pass the positions of the new tokens; left-padded prompts use segment id 0.
     """
-    b, t = tokens.shape
-    if t > self.cfg.max_length and cache is None:
-      raise ValueError(f'sequence length {t} exceeds model.max_length={self.cfg.max_length}')
-    if positions is None:
-      if cache is not None:
-        raise ValueError('decoding with a cache needs explicit positions for the new tokens')
-      positions = default_positions(segment_ids, b, t)
-    mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                         q_positions=positions, kv_positions=positions, causal=True,
-                         window=self.cfg.attention.window)
+    positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
+                                            causal=True, cache=cache)
     x = self.embedder(tokens, positions, deterministic=deterministic)
     x, cache, aux = self.stack(x, mask, cache=cache, token_ids=tokens,
                                deterministic=deterministic)

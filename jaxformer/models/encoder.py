@@ -10,12 +10,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.attention import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers.base import make_init, param, zeros
 from jaxformer.layers.ffn import activation
 from jaxformer.layers.norms import make_norm
-from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, default_positions
+from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
 
 
@@ -80,14 +79,8 @@ class EncoderModel(nnx.Module):
 
   def __call__(self, tokens, *, segment_ids=None, positions=None, token_types=None,
                deterministic: bool = True) -> ModelOutput:
-    b, t = tokens.shape
-    if t > self.cfg.max_length:
-      raise ValueError(f'sequence length {t} exceeds model.max_length={self.cfg.max_length}')
-    if positions is None:
-      positions = default_positions(segment_ids, b, t)
-    mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                         q_positions=positions, kv_positions=positions,
-                         window=self.cfg.attention.window)
+    positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
+                                            causal=False)
     x = self.embedder(tokens, positions, token_types=token_types, deterministic=deterministic)
     x, _, aux = self.stack(x, mask, token_ids=tokens, deterministic=deterministic)
     if self.final_norm is not None:

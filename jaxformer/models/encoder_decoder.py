@@ -17,7 +17,7 @@ from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers.embeddings import make_embed
 from jaxformer.layers.norms import make_norm
-from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, default_positions
+from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
 
 
@@ -36,13 +36,8 @@ class EncoderDecoder(nnx.Module):
 
   def encode(self, tokens, *, segment_ids=None, positions=None, deterministic: bool = True):
     """-> (encoder states [B, S, D], encoder segment ids [B, S] or None)."""
-    b, s = tokens.shape
-    if s > self.cfg.max_length:
-      raise ValueError(f'source length {s} exceeds model.max_length={self.cfg.max_length}')
-    if positions is None:
-      positions = default_positions(segment_ids, b, s)
-    mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                         q_positions=positions, kv_positions=positions)
+    positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
+                                            causal=False, what='source')
     x = self.enc_embedder(tokens, positions, deterministic=deterministic)
     x, _, aux = self.encoder(x, mask, token_ids=tokens, deterministic=deterministic)
     if self.enc_norm is not None:
@@ -62,14 +57,8 @@ class EncoderDecoder(nnx.Module):
 
   def decode(self, tokens, enc, *, enc_segment_ids=None, segment_ids=None, positions=None,
              cache=None, deterministic: bool = True) -> ModelOutput:
-    b, t = tokens.shape
-    if positions is None:
-      if cache is not None:
-        raise ValueError('decoding with a cache needs explicit positions for the new tokens')
-      positions = default_positions(segment_ids, b, t)
-    mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                         q_positions=positions, kv_positions=positions, causal=True,
-                         window=self.cfg.attention.window)
+    positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
+                                            causal=True, cache=cache, what='target')
     x = self.dec_embedder(tokens, positions, deterministic=deterministic)
     x, cache, aux = self.decoder(x, mask, enc=enc,
                                  enc_mask=self._cross_mask(segment_ids, enc_segment_ids),
