@@ -2,9 +2,11 @@
 
     python -m jaxformer.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Hardware: a laptop or CI CPU (2 cores), about 5 minutes. Expected result: held-out bits per
-byte below 2.5 on the python_stdlib validation split (recorded in docs/results.md), a
-checkpoint in runs/quickstart/checkpoints and a printed code sample.
+Hardware: a laptop or CI CPU (2 cores), about 8 minutes of training. The model is LLaMA-style
+(RMSNorm, RoPE, SwiGLU, grouped-query attention with QK-norm), 4 layers, d=128, byte-level
+(vocabulary 260), 256-byte context, trained for 1200 steps of 16 x 256 bytes.
+Result measured on the reference machine (docs/results.md): held-out bits per byte 2.81 on the
+validation split and 2.58 on the test split (gzip -9 reaches about 1.65 on held-out files).
 Presets: `:size=tiny` (seconds; the test suite runs it for 2 steps).
 """
 
@@ -15,22 +17,25 @@ from jaxformer.train.experiment import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
-  size = opts.get('size', 'small')
-  seq_len = 256 if size == 'small' else 32
+  size = dict(kv.split('=') for kv in arg.split(','))['size'] if arg else 'small'
+  if size not in ('tiny', 'small'):
+    raise ValueError(f"size={size!r} is invalid: allowed values are ['tiny', 'small']")
+  tiny = size == 'tiny'
+  seq_len = 32 if tiny else 256
+  steps = 2 if tiny else 1200
   model = family_dict(
-      'llama', vocab_size=260, max_length=seq_len,
-      d_model=256 if size == 'small' else 32, num_layers=4 if size == 'small' else 2,
-      attention=dict(num_heads=4 if size == 'small' else 2, num_kv_heads=2 if size == 'small' else 1),
-      ffn=dict(hidden_dim=512 if size == 'small' else 64), tie_embeddings=True)
+      'llama', vocab_size=260, max_length=seq_len, d_model=32 if tiny else 128,
+      num_layers=2 if tiny else 4,
+      attention=dict(num_heads=2 if tiny else 4, num_kv_heads=1 if tiny else 2, qk_norm=True),
+      ffn=dict(hidden_dim=64 if tiny else 384), tie_embeddings=True)
   data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=seq_len)
-  optim = dict(optimizer='adamw', lr=3e-3, b2=0.95, weight_decay=0.1, schedule='warmup_cosine',
-                 warmup_steps=20 if size == 'small' else 1, total_steps=300 if size == 'small' else 2,
-                 end_lr_ratio=0.1, grad_clip_norm=1.0)
+  optim = dict(optimizer='adamw', lr=3e-3, b2=0.99, weight_decay=0.1, schedule='warmup_cosine',
+               warmup_steps=1 if tiny else 30, total_steps=steps, end_lr_ratio=0.1,
+               grad_clip_norm=1.0)
   train = dict(
-      batch_size=32 if size == 'small' else 4, steps=300 if size == 'small' else 2,
-      log_every=25 if size == 'small' else 1, eval_every=100 if size == 'small' else 2,
-      eval_batches=16 if size == 'small' else 1, checkpoint_every=100 if size == 'small' else 2,
-      test_batches=32 if size == 'small' else 1,
-      sample_prompt='def ', sample_tokens=200 if size == 'small' else 8)
+      batch_size=4 if tiny else 16, steps=steps, log_every=1 if tiny else 50,
+      eval_every=2 if tiny else 400, eval_batches=1 if tiny else 16,
+      checkpoint_every=2 if tiny else 400, test_batches=1 if tiny else 32,
+      sample_prompt='def ', sample_tokens=8 if tiny else 200, sample_temperature=0.8,
+      sample_top_k=40)
   return default_config(model=model, data=data, optim=optim, train=train)

@@ -25,11 +25,11 @@ def compile_seconds(num_layers: int, scan: bool, d_model: int = 256) -> float:
   cfg = family('llama', vocab_size=512, d_model=d_model, num_layers=num_layers,
                max_length=256, attention=dict(num_heads=4), scan_layers=scan)
   model = build_model(cfg)
-  graphdef, params = nnx.split(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   toks = jnp.zeros((2, 128), jnp.int32)
 
   def loss(params):
-    m = nnx.merge(graphdef, params)
+    m = nnx.merge(graphdef, params, rest, copy=True)
     return jnp.mean(m(toks).logits ** 2)
 
   step = jax.jit(jax.value_and_grad(loss))
