@@ -43,6 +43,8 @@ def kept(logits):
 
 # One compiled program per setting is cheaper than many small eager ops.
 jit_sample = jax.jit(sampling.sample, static_argnames=('temperature', 'top_k', 'top_p'))
+top_k_filter = jax.jit(sampling.top_k_filter, static_argnums=1)
+top_p_filter = jax.jit(sampling.top_p_filter, static_argnums=1)
 
 
 # =========================================================================== sampling
@@ -66,7 +68,7 @@ def test_top_k_keeps_exactly_k_largest_even_with_ties():
   logits = jnp.array([[1.0, 3.0, 3.0, 3.0, 0.0, 2.0],
                       [0.5, -1.0, 4.0, 2.0, 2.0, 1.0]])
   for k in (1, 2, 3, 5):
-    mask = kept(sampling.top_k_filter(logits, k))
+    mask = kept(top_k_filter(logits, k))
     np.testing.assert_array_equal(mask.sum(-1), [k, k])
     for row, m in zip(np.asarray(logits), mask):
       # Every kept logit is >= every removed logit.
@@ -77,7 +79,7 @@ def test_top_k_keeps_exactly_k_largest_even_with_ties():
 def test_top_p_keeps_the_minimal_nucleus():
   logits = jax.random.normal(jax.random.key(3), (64, 10)) * 2.0
   for p in (0.05, 0.3, 0.7, 0.95):
-    mask = kept(sampling.top_p_filter(logits, p))
+    mask = kept(top_p_filter(logits, p))
     probs = np_softmax(logits)
     for row, m in zip(probs, mask):
       assert m[np.argmax(row)]  # the top token is always kept
@@ -179,10 +181,10 @@ def test_batched_prompts_equal_each_prompt_alone():
   m = model('gpt2', seed=1)
   prompts = [[4, 8, 15, 16, 23, 42], [7, 1]]
   batched = generate(m, prompts, max_new_tokens=N)
-  for i, p in enumerate(prompts):
-    alone = generate(m, [p], max_new_tokens=N)
-    np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
-    np.testing.assert_allclose(batched.logprobs[i], alone.logprobs[0], atol=1e-5)
+  # The short prompt is left-padded by 4 in the batch; alone it has no padding.
+  alone = generate(m, [prompts[1]], max_new_tokens=N)
+  np.testing.assert_array_equal(batched.tokens[1], alone.tokens[0])
+  np.testing.assert_allclose(batched.logprobs[1], alone.logprobs[0], atol=1e-5)
   # The array form (right-padded tokens, lengths) is the same batch.
   arr = jnp.array([prompts[0], prompts[1] + [33] * 4])
   again = generate(m, (arr, jnp.array([6, 2])), max_new_tokens=N)
@@ -209,18 +211,7 @@ def test_stop_tokens_end_rows_and_the_loop():
   np.testing.assert_array_equal(np.asarray(early.tokens)[:, 2:], 0)
 
 
-def test_sampled_generation_is_seeded():
-  m = model('gpt2', seed=1)
-  kw = dict(max_new_tokens=N, temperature=1.0, top_k=20, top_p=0.95)
-  a = generate(m, PROMPTS, seed=0, **kw)
-  b = generate(m, PROMPTS, seed=0, **kw)
-  c = generate(m, PROMPTS, seed=1, **kw)
-  np.testing.assert_array_equal(a.tokens, b.tokens)
-  assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
-  assert np.isfinite(np.asarray(a.logprobs)).all()
-
-
-def test_decode_loop_is_traced_once(monkeypatch):
+def test_decode_loop_is_traced_once_and_sampling_is_seeded(monkeypatch):
   calls = []
   original = DecoderLM.__call__
 
@@ -232,11 +223,17 @@ def test_decode_loop_is_traced_once(monkeypatch):
   m = model('gpt2', seed=2)
   # A shape no other test uses, so the first call compiles.
   prompts = [[1, 2, 3, 4, 5], [6, 7], [8], [9, 10, 11]]
-  generate(m, prompts, max_new_tokens=11)
+  kw = dict(max_new_tokens=11, temperature=1.0, top_k=20, top_p=0.95)
+  a = generate(m, prompts, seed=0, **kw)
   # One prefill call and one loop body, however many tokens are generated.
   assert len(calls) == 2
-  generate(m, [[3, 3], [4, 4, 4, 4, 4], [5, 5, 5], [6]], max_new_tokens=11)
-  assert len(calls) == 2  # same shapes: no retrace
+  b = generate(m, prompts, seed=0, **kw)
+  c = generate(m, prompts, seed=1, **kw)
+  generate(m, [[3, 3], [4, 4, 4, 4, 4], [5, 5, 5], [6]], seed=2, **kw)
+  assert len(calls) == 2  # same shapes and settings: no retrace
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+  assert np.isfinite(np.asarray(a.logprobs)).all()
 
 
 def test_argument_errors():
