@@ -3,42 +3,56 @@
     python -m jaxformer.train --config=configs/llama.py:size=125m --workdir=runs/llama_125m
     python -m jaxformer.train --config=configs/llama.py:size=tiny --workdir=runs/llama_tiny
 
-Presets: tiny (CPU, seconds; tests), small (CPU, minutes: the quickstart's model), 125m (one GPU,
-d=768, 12 layers, 12 heads / 4 KV heads), 1b (a GPU/TPU host or more: d=2048, 16 layers, 32 heads
-/ 8 KV heads, 2048 context). Byte-level python_stdlib data. Expected results: `small` reaches the
-quickstart figure in docs/results.md; 125m and 1b not yet measured.
+Presets (`:size=`), all byte-level (260 ids) on the offline python_stdlib corpus:
+  tiny   d=32, 2 layers, 2 heads / 1 KV head; a CPU in seconds (tests/test_configs.py).
+  small  d=256, 4 layers, 4 / 2 heads, 256 context, 16 x 256 bytes a step; a CPU in tens of
+         minutes or a GPU in one.
+  125m   d=768, 12 layers, 12 / 4 heads, FFN 2048, 1024 context; one GPU (bf16 compute, remat).
+  1b     d=2048, 16 layers, 32 / 8 heads, FFN 8192, 2048 context (the Llama 3.2 1B shape with a
+         byte vocabulary); a host of 8 GPUs or a TPU host, parameters and optimizer state
+         sharded over all devices (FSDP).
+Optimizer (the paper's): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1, clip 1.0, warmup
+then cosine decay to 10% of the peak. The corpus has about 10.6M training bytes, so 125m (64 x
+1024 bytes, 2000 steps) and 1b (64 x 2048, 1000 steps) make about 12 passes and will overfit:
+they run the paper-size architecture; real pre-training needs a larger prepared corpus
+(`--config.data.name=...`).
+Expected results: not yet measured (the quickstart, a smaller LLaMA, is in docs/results.md).
 """
+
+import ml_collections
 
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, kv=1, ffn=64, seq=64, batch=8, steps=2, lr=3e-3),
-    'small': dict(d=256, layers=4, heads=4, kv=2, ffn=512, seq=256, batch=16, steps=1000,
+    'small': dict(d=256, layers=4, heads=4, kv=2, ffn=704, seq=256, batch=16, steps=2000,
                   lr=1e-3),
-    '125m': dict(d=768, layers=12, heads=12, kv=4, ffn=2048, seq=1024, batch=128, steps=20_000,
+    '125m': dict(d=768, layers=12, heads=12, kv=4, ffn=2048, seq=1024, batch=64, steps=2000,
                  lr=6e-4),
-    '1b': dict(d=2048, layers=16, heads=32, kv=8, ffn=5632, seq=2048, batch=256, steps=50_000,
+    '1b': dict(d=2048, layers=16, heads=32, kv=8, ffn=8192, seq=2048, batch=64, steps=1000,
                lr=3e-4),
 }
 
 
-def get_config(arg=None):
-  size = dict(kv.split('=') for kv in arg.split(','))['size'] if arg else 'small'
-  if size not in SIZES:
-    raise ValueError(f'size={size!r} is invalid: allowed values are {list(SIZES)}')
-  s = SIZES[size]
-  model = family_dict('llama', vocab_size=260, d_model=s['d'], num_layers=s['layers'],
-                      max_length=s['seq'], attention=dict(num_heads=s['heads'],
-                                                          num_kv_heads=s['kv']),
-                      ffn=dict(hidden_dim=s['ffn']),
-                      remat='none' if size in ('tiny', 'small') else 'dots_no_batch',
-                      dtype='float32' if size in ('tiny', 'small') else 'bfloat16')
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  opts = {'size': 'small'}
+  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
+  if set(opts) != {'size'} or opts['size'] not in SIZES:
+    raise ValueError(f'config arg {arg!r} is invalid: the option is size, one of {list(SIZES)}')
+  size, s = opts['size'], SIZES[opts['size']]
+  big = size in ('125m', '1b')
+  model = family_dict(
+      'llama', vocab_size=260, d_model=s['d'], num_layers=s['layers'], max_length=s['seq'],
+      attention=dict(num_heads=s['heads'], num_kv_heads=s['kv']), ffn=dict(hidden_dim=s['ffn']),
+      remat='dots_no_batch' if big else 'none', dtype='bfloat16' if big else 'float32')
   data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=s['seq'])
-  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.95, weight_decay=0.1,
-               schedule='warmup_cosine', warmup_steps=max(1, s['steps'] // 50),
+  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.95, eps=1e-5, weight_decay=0.1,
+               schedule='warmup_cosine', warmup_steps=max(1, s['steps'] // 20),
                total_steps=s['steps'], end_lr_ratio=0.1, grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 200),
-               eval_every=max(2, s['steps'] // 10), checkpoint_every=max(2, s['steps'] // 10),
+  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
+               eval_every=max(2, s['steps'] // 10), eval_batches=16,
+               checkpoint_every=max(2, s['steps'] // 10), test_batches=16,
                sample_prompt='def ', sample_tokens=0 if size == 'tiny' else 200)
-  return default_config(model=model, data=data, optim=optim, train=train)
+  parallel = dict(mesh={'data': 1, 'fsdp': -1, 'tensor': 1}) if size == '1b' else {}
+  return default_config(model=model, data=data, optim=optim, train=train, parallel=parallel)

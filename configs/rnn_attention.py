@@ -2,29 +2,48 @@
 2015; Luong et al. 2015) on a synthetic sequence-to-sequence task.
 
     python -m jaxformer.train --config=configs/rnn_attention.py --workdir=runs/rnn
-    python -m jaxformer.train --config=configs/rnn_attention.py:attention=luong_general,cell=lstm --workdir=runs/rnn_luong
+    python -m jaxformer.train --config=configs/rnn_attention.py:attention=luong_general,cell=lstm,task=reverse --workdir=runs/rnn_luong
 
-Options: `cell` gru | lstm, `attention` bahdanau | luong_dot | luong_general | luong_concat,
-`task` copy | reverse | sort | addition, `size` tiny (CPU seconds; tests) | small (CPU minutes:
-> 99% held-out token accuracy on copy, see tests/models/test_learning.py).
+A bidirectional encoder RNN reads the source; the decoder RNN attends over its states each step,
+either from its previous state before the update (Bahdanau: additive scores) or from its new
+state after it (Luong: dot, general = bilinear, or concat scores). Data: the offline
+`synthetic_seq2seq` set (up to 12 characters, byte-level, 20000 / 512 / 512 disjoint train /
+validation / test pairs).
+Options (`:key=value,...`): `cell` gru (default) | lstm; `attention` bahdanau (default) |
+luong_dot | luong_general | luong_concat; `task` copy (default) | reverse | sort | addition;
+`size`:
+  small  embeddings and hidden states of 64; a CPU in a few minutes. AdamW (0.9, 0.98), lr
+         3e-3, warmup 100 then cosine, clip 1.0, 1500 steps of 64 pairs: > 99% held-out token
+         accuracy with a GRU on copy (Bahdanau) and on reverse (luong_general), the same model
+         and recipe as tests/models/test_learning.py. Other combinations: not yet measured.
+  tiny   16 wide; a CPU in seconds (tests/test_configs.py).
+The papers' own settings (1000-unit RNNs, Adadelta or SGD on WMT'14 English-French) are for
+translation data this offline set does not have.
 """
+
+import ml_collections
 
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
+OPTIONS = {'size': ('small', 'tiny'), 'cell': ('gru', 'lstm'),
+           'attention': ('bahdanau', 'luong_dot', 'luong_general', 'luong_concat'),
+           'task': ('copy', 'reverse', 'sort', 'addition')}
 
-def get_config(arg=None):
-  opts = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
-  size = opts.get('size', 'small')
-  if size not in ('tiny', 'small'):
-    raise ValueError(f"size={size!r} is invalid: allowed values are ['tiny', 'small']")
-  tiny = size == 'tiny'
-  model = family_dict('rnn', vocab_size=260, d_model=16 if tiny else 64, max_length=32,
-                      rnn=dict(cell=opts.get('cell', 'gru'),
-                               attention=opts.get('attention', 'bahdanau'),
-                               hidden_dim=16 if tiny else 64))
-  data = dict(name=f"synthetic_seq2seq/{opts.get('task', 'copy')}", task='seq2seq',
-              tokenizer='byte', extra_ids=0, seq_len=24, target_len=24,
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  opts = {k: v[0] for k, v in OPTIONS.items()}
+  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
+  for key, value in opts.items():
+    if value not in OPTIONS.get(key, ()):
+      raise ValueError(f'config arg {arg!r} is invalid: {key}={value!r}; the options are '
+                       f'{OPTIONS}')
+  tiny = opts['size'] == 'tiny'
+  width = 16 if tiny else 64
+  model = family_dict('rnn', vocab_size=260, d_model=width, max_length=32,
+                      rnn=dict(cell=opts['cell'], attention=opts['attention'], hidden_dim=width))
+  data = dict(name=f"synthetic_seq2seq/{opts['task']}", task='seq2seq', tokenizer='byte',
+              extra_ids=0, seq_len=24, target_len=24,
               builder_config=dict(max_length=12, num_train=20000, num_validation=512,
                                   num_test=512))
   steps = 2 if tiny else 1500
@@ -32,6 +51,6 @@ def get_config(arg=None):
                warmup_steps=1 if tiny else 100, total_steps=steps, end_lr_ratio=0.05,
                grad_clip_norm=1.0)
   train = dict(batch_size=8 if tiny else 64, steps=steps, log_every=max(1, steps // 30),
-               eval_every=max(2, steps // 3), checkpoint_every=max(2, steps // 3),
-               eval_batches=8, test_batches=8)
+               eval_every=max(2, steps // 3), eval_batches=8,
+               checkpoint_every=max(2, steps // 3), test_batches=8)
   return default_config(model=model, data=data, optim=optim, train=train)

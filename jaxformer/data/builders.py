@@ -20,6 +20,10 @@ Builders (registered with TFDS on import, so `tfds.data_source('listops', ...)` 
 - `mqar`: multi-query associative recall; features `inputs`, `targets`, `answer_mask`.
 - `listops`: LRA ListOps (`jaxformer.data.listops`): features `text`, `label`; the default
   config `lra` is the LRA setting (96k/2k/2k examples, depth 10, args 10, lengths 500-2000).
+- `synthetic_images`: 10 classes of procedurally drawn shapes and textures (`draw_image`),
+  an offline stand-in for CIFAR-10 (whose preparation needs TensorFlow); features `image`
+  (uint8 [32, 32, 3], a plain Tensor: tfds.features.Image would need TensorFlow to encode) and
+  `label`; 20k/1k/1k examples.
 
 Synthetic splits are disjoint: splits are generated in the order test, validation, train, each
 from its own seed, rejecting anything an earlier split holds (earlier splits are regenerated to
@@ -340,14 +344,18 @@ class SyntheticImages(_Builder):
   def _split_generators(self, dl_manager):
     del dl_manager
     c = self.builder_config
-    return {split: self._generate_examples(_split_seed(c.seed, split), n, c.image_size)
-            for split, n in (('train', c.num_train), ('validation', c.num_validation),
-                             ('test', c.num_test))}
 
-  def _generate_examples(self, seed, n, size):
-    rng = random.Random(seed)
-    for i in range(n):
-      image, label = draw_image(rng, size)
+    def draw(rng):
+      image, label = draw_image(rng, c.image_size)
+      # `_disjoint_splits` keys examples by their first field, a string: the pixels' digest.
+      return hashlib.sha1(image.tobytes()).hexdigest(), image, label
+
+    sizes = {'train': c.num_train, 'validation': c.num_validation, 'test': c.num_test}
+    return {split: self._generate_examples(gen)
+            for split, gen in _disjoint_splits(sizes, c.seed, draw).items()}
+
+  def _generate_examples(self, gen):
+    for i, (_, image, label) in enumerate(gen):
       yield i, {'image': image, 'label': label}
 
 
