@@ -172,6 +172,9 @@ def test_no_tensorflow_is_imported(data_dir):
                        data_dir={data_dir!r}, builder_config={{'num_train': 20, 'num_test': 5,
                                                               'num_validation': 5, 'seed': 7}})
       batch = next(make_pipeline(cfg, 'train', batch_size=2))
+      # Prepared through jaxformer (ArrayRecord, TF-free) and then read back with plain TFDS.
+      from jaxformer.data import prepare
+      prepare(DataConfig(name='python_stdlib/small', data_dir={data_dir!r}))
       import tensorflow_datasets as tfds
       assert len(tfds.data_source('python_stdlib/small', split='test', data_dir={data_dir!r}))
       assert 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' == m)
