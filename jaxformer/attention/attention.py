@@ -85,20 +85,29 @@ class Attention(nnx.Module):
     self.scale = a.scale if a.scale is not None else h ** -0.5
     self.dtype, pdt = cfg.compute_dtype, cfg.params_dtype
 
-    init = base.make_init(cfg.init, cfg.init_std, in_axis=0, out_axis=(1, 2))
-    out_init = base.residual_init(cfg.init, cfg.init_std, cfg.num_layers,
-                                  cfg.scaled_residual_init, in_axis=(0, 1), out_axis=2)
-    self.wq = base.param(rngs, init, (d, n, h), ('embed', 'heads', 'head_dim'), pdt)
-    self.wk = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.wv = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.wo = base.param(rngs, out_init, (n, h, d), ('heads', 'head_dim', 'embed'), pdt)
-    if a.qkv_bias:
-      self.bq = base.param(rngs, base.zeros, (n, h), ('heads', 'head_dim'), pdt)
-      self.bk = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
-      self.bv = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
+    core_cls = registry.lookup(a.kind, a.impl)
+    self.uses_projections = getattr(core_cls, 'uses_projections', True)
+    self.core = registry.build(a, num_heads=n, num_kv_heads=k, head_dim=h, dtype=self.dtype,
+                               param_dtype=pdt, rngs=rngs, max_length=cfg.max_length,
+                               causal=causal, cross=cross,
+                               needed=needed_features(cfg, cross=cross, causal=causal))
+    if self.uses_projections:
+      init = base.make_init(cfg.init, cfg.init_std, in_axis=0, out_axis=(1, 2))
+      out_init = base.residual_init(cfg.init, cfg.init_std, cfg.num_layers,
+                                    cfg.scaled_residual_init, in_axis=(0, 1), out_axis=2)
+      self.wq = base.param(rngs, init, (d, n, h), ('embed', 'heads', 'head_dim'), pdt)
+      self.wk = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
+      self.wv = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
+      self.wo = base.param(rngs, out_init, (n, h, d), ('heads', 'head_dim', 'embed'), pdt)
+      if a.qkv_bias:
+        self.bq = base.param(rngs, base.zeros, (n, h), ('heads', 'head_dim'), pdt)
+        self.bk = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
+        self.bv = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
+      else:
+        self.bq = self.bk = self.bv = None
+      self.bo = base.param(rngs, base.zeros, (d,), ('embed',), pdt) if a.out_bias else None
     else:
-      self.bq = self.bk = self.bv = None
-    self.bo = base.param(rngs, base.zeros, (d,), ('embed',), pdt) if a.out_bias else None
+      self.wq = self.wk = self.wv = self.wo = self.bq = self.bk = self.bv = self.bo = None
     if a.qk_norm:
       self.q_norm = _HeadRMSNorm(h, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
       self.k_norm = _HeadRMSNorm(h, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
@@ -109,9 +118,6 @@ class Attention(nnx.Module):
                                        init=base.normal_init(cfg.init_std), param_dtype=pdt)
     else:
       self.shaw = None
-    self.core = registry.build(a, num_heads=n, num_kv_heads=k, head_dim=h, dtype=self.dtype,
-                               param_dtype=pdt, rngs=rngs,
-                               needed=needed_features(cfg, cross=cross, causal=causal))
     if a.dropout > 0.0:
       try:
         self.dropout_rngs = rngs['dropout'].fork()
@@ -142,6 +148,9 @@ class Attention(nnx.Module):
       raise ValueError('cross-attention caches come from precompute_cross(encoder_states)')
     registry.require(self.attention_cfg, {'decode'})
     dtype = dtype or self.dtype
+    if hasattr(self.core, 'init_state'):
+      return {'core': self.core.init_state(batch, max_len, dtype),
+              'index': jnp.zeros((), jnp.int32)}
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
             'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
@@ -180,6 +189,8 @@ class Attention(nnx.Module):
     mask = AttentionMask() if mask is None else mask
     b, t, _ = x.shape
     x = x.astype(self.dtype)
+    if not self.uses_projections:
+      return self._mix(x, mask, cache, deterministic)
     q = self._proj(x, self.wq, self.bq)
     if self.q_norm is not None:
       q = self.q_norm(q)
@@ -208,6 +219,8 @@ class Attention(nnx.Module):
         q = pos_lib.apply_rope(q, qpos, self.position_cfg, self.head_dim)
         k = pos_lib.apply_rope(k, qpos if cache is not None else kpos, self.position_cfg,
                                self.head_dim)
+      if cache is not None and 'core' in cache:
+        return self._stateful_step(q, k, v, mask, qpos, cache)
       if cache is not None:
         new_cache, k, v, mask = self._write(cache, k, v, mask, qpos)
         kpos = mask.kv_positions
@@ -228,10 +241,34 @@ class Attention(nnx.Module):
       rng = self.dropout_rngs()
     out = self.core(q, k, v, mask, bias=bias, deterministic=deterministic, dropout_rng=rng,
                     **extra)
+    return self._output(out), new_cache
+
+  def _output(self, out):
     y = jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(self.dtype))
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)
-    return base.constrain(y, ('batch', 'length', 'embed')), new_cache
+    return base.constrain(y, ('batch', 'length', 'embed'))
+
+  def _stateful_step(self, q, k, v, mask: AttentionMask, qpos, cache):
+    """Decoding with a core that keeps its own state (see the registry's protocol)."""
+    b, t = q.shape[:2]
+    qseg = mask.q_segment_ids if mask.q_segment_ids is not None else jnp.ones((b, t), jnp.int32)
+    step_mask = AttentionMask(q_segment_ids=qseg, kv_segment_ids=qseg, q_positions=qpos,
+                              kv_positions=qpos, causal=True, window=self.window)
+    out, state = self.core(q, k, v, step_mask, state=cache['core'])
+    return self._output(out), {'core': state, 'index': cache['index'] + t}
+
+  def _mix(self, x, mask: AttentionMask, cache, deterministic):
+    """A projection-free core (`uses_projections = False`): x itself is q = k = v."""
+    if self.cross:
+      raise ValueError(f'attention kind {self.attention_cfg.kind!r} mixes tokens of its own '
+                       'input and cannot be used for cross-attention')
+    if cache is not None:
+      raise ValueError(f'attention kind {self.attention_cfg.kind!r} has no decoding cache')
+    mask = mask.replace(causal=mask.causal or self.causal)
+    xs = x[:, :, None, :]
+    out = self.core(xs, xs, xs, mask, deterministic=deterministic)
+    return base.constrain(out[:, :, 0, :], ('batch', 'length', 'embed')), None
 
   def _write(self, cache, k, v, mask: AttentionMask, qpos):
     """Writes T new entries at cache['index']; returns (cache, k_all, v_all, mask over slots)."""

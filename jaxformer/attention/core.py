@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
-from jaxformer.config import AttentionConfig, ConfigError
+from jaxformer.config import AttentionConfig
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -88,20 +88,16 @@ class DotProductAttention(nnx.Module):
   """
 
   features = registry.FEATURES
-  options = frozenset({'sow_weights'})
 
   def __init__(self, cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int,
-               dtype=None, param_dtype=None, rngs: nnx.Rngs | None = None):
-    unknown = sorted(set(cfg.options) - self.options)
-    if unknown:
-      raise ConfigError(f'model.attention.options has unknown key(s) {unknown} for kind '
-                        f'{cfg.kind!r}: allowed keys are {sorted(self.options)}')
-    del dtype, param_dtype, rngs  # no parameters; the caller owns the dropout stream
+               dtype=None, param_dtype=None, rngs: nnx.Rngs | None = None, **unused):
+    opts = registry.options(cfg, {'sow_weights': False})
+    del dtype, param_dtype, rngs, unused  # no parameters; the caller owns the dropout stream
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.scale = cfg.scale if cfg.scale is not None else head_dim ** -0.5
     self.logit_softcap = cfg.logit_softcap
     self.dropout_rate = cfg.dropout
-    self.sow_weights = bool(cfg.options.get('sow_weights', False))
+    self.sow_weights = bool(opts['sow_weights'])
 
   def __call__(self, q, k, v, mask: AttentionMask | None, bias=None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None, value_bias_fn=None):

@@ -4,10 +4,26 @@ A *core* mixes already-projected heads; the `Attention` module (projections, pos
 cache) is shared by every kind. Every core has one call signature:
 
     core = build(cfg, num_heads=N, num_kv_heads=K, head_dim=H, dtype=..., param_dtype=...,
-                 rngs=rngs)
+                 rngs=rngs, max_length=L, causal=..., cross=...)
     out = core(q, k, v, mask, bias=None, deterministic=True, dropout_rng=None)
         q: [B, T, N, H], k / v: [B, S, K, H], mask: AttentionMask, bias: [B|1, N|1, T, S] or None
         out: [B, T, N, H]
+`max_length` is the model's longest sequence (kinds with length-shaped parameters, such as
+Linformer's projections, size them from it); `causal` / `cross` say how the layer uses the core.
+A core's __init__ takes `**kwargs` it does not need (`core_kwargs` drops nothing).
+
+Optional parts of the protocol:
+  * `example_options` (class attribute, a dict): options that make the kind meaningful on the
+    small shapes of the generic tests (T = 8 tokens, e.g. a block size of 2); tiny presets may
+    use them too. Default: {}.
+  * Stateful decoding: a core that defines `init_state(batch, max_len, dtype) -> pytree` keeps
+    its own decoding state (e.g. the running sums of linear attention) instead of the
+    K/V cache. `Attention.init_cache` then returns {'core': state, 'index': 0}, and a cached
+    call is `out, state = core(q, k, v, mask, state=state)` with the new tokens only (mask
+    carries their segment ids, 0 = padding, and positions).
+  * `uses_projections = False`: the layer creates no Q/K/V/O projections and passes the input
+    x [B, T, D] itself as q = k = v of shape [B, T, 1, D]; the core's [B, T, 1, D] output is the
+    layer's output (FNet-style token mixing).
 
 New kinds plug in with `@register('name')` (and optionally `impl=`) without touching model code,
 and the tests in tests/attention/test_generic.py pick them up automatically through `kinds()`.
@@ -18,6 +34,7 @@ fails at build time with the reason (`unsupported`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from jaxformer.config import AttentionConfig, ConfigError
 
@@ -54,6 +71,21 @@ def register(kind: str, impl: str = 'xla', *, unsupported: dict[str, str] | None
 def _ensure_loaded() -> None:
   # Importing the package registers the built-in kinds.
   import jaxformer.attention  # noqa: F401
+
+
+def options(cfg: AttentionConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+  """`cfg.options` merged over `defaults`; an unknown key fails naming the allowed ones."""
+  unknown = sorted(set(cfg.options) - set(defaults))
+  if unknown:
+    raise ConfigError(f'model.attention.options has unknown key(s) {unknown} for kind '
+                      f'{cfg.kind!r} (impl {cfg.impl!r}): allowed keys are {sorted(defaults)}')
+  return {**defaults, **dict(cfg.options)}
+
+
+def entries() -> list[tuple[str, str]]:
+  """Every registered (kind, impl) pair, sorted."""
+  _ensure_loaded()
+  return sorted(_REGISTRY)
 
 
 def kinds(impl: str | None = None) -> list[str]:

@@ -1,7 +1,8 @@
 """Generic properties (CATALOG A, preamble) for every registered attention kind.
 
-Parameterised over `registry.kinds()`, so a new kind is tested as soon as it registers; a
-property runs only where the kind declares the feature it needs (`core.features`).
+Parameterised over `registry.entries()` (every kind x impl), so a new kind is tested as soon as it
+registers; a property runs only where the kind declares the feature it needs (`core.features`).
+Each kind is built with its `example_options` (small block sizes and the like for T = 8).
 """
 
 import jax
@@ -14,17 +15,21 @@ from jaxformer.attention import Attention, AttentionMask, registry
 from jaxformer.config import ModelConfig
 
 D, B, T = 32, 2, 8
-KINDS = registry.kinds()
+KINDS = [f'{kind}/{impl}' for kind, impl in registry.entries()]
 
 
 def make(kind, causal=True, rngs=None):
-  cfg = ModelConfig.from_dict({'d_model': D, 'position': {'kind': 'rope'},
-                               'attention': {'kind': kind, 'num_heads': 4, 'num_kv_heads': 2}})
+  kind, impl = kind.split('/')
+  cls = registry.lookup(kind, impl)
+  cfg = ModelConfig.from_dict({
+      'd_model': D, 'max_length': T, 'position': {'kind': 'rope'},
+      'attention': {'kind': kind, 'impl': impl, 'num_heads': 4, 'num_kv_heads': 2,
+                    'options': dict(getattr(cls, 'example_options', {}))}})
   return Attention(cfg, causal=causal, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
 def features(kind):
-  return registry.lookup(kind).features
+  return registry.lookup(*kind.split('/')).features
 
 
 def needs(kind, *feats):
