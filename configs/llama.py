@@ -5,8 +5,8 @@
 
 Presets (`:size=`), all byte-level (260 ids) on the offline python_stdlib corpus:
   tiny   d=32, 2 layers, 2 heads / 1 KV head; a CPU in seconds (tests/test_configs.py).
-  small  d=256, 4 layers, 4 / 2 heads, 256 context, 16 x 256 bytes a step; a CPU in tens of
-         minutes or a GPU in one.
+  small  d=256, 4 layers, 4 / 2 heads, FFN 704, 256 context, 2000 steps of 16 x 256 bytes; a
+         CPU in about half an hour (not timed) or a GPU in minutes.
   125m   d=768, 12 layers, 12 / 4 heads, FFN 2048, 1024 context; one GPU (bf16 compute, remat).
   1b     d=2048, 16 layers, 32 / 8 heads, FFN 8192, 2048 context (the Llama 3.2 1B shape with a
          byte vocabulary); a host of 8 GPUs or a TPU host, parameters and optimizer state

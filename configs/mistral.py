@@ -7,8 +7,8 @@ Each query attends to the previous `window` keys only (the paper's W), so attent
 as T * W rather than T^2 and information still travels L * W tokens back through the layers.
 Presets (`:size=`), all byte-level (260 ids) on the offline python_stdlib corpus:
   tiny   d=32, 2 layers, window 16 over 64 tokens; a CPU in seconds (tests/test_configs.py).
-  small  d=256, 4 layers, 4 / 2 heads, window 128 over 512 tokens; a CPU in tens of minutes or
-         a GPU in one.
+  small  d=256, 4 layers, 4 / 2 heads, window 128 over 512 tokens, 2000 steps of 16 rows; one
+         GPU (on a CPU, an hour or more; not timed).
   7b     the paper's shape: d=4096, 32 layers, 32 / 8 heads of 128, FFN 14336, window 4096,
          8192 context, RoPE theta 10^4 (Mistral 7B v0.1); a host of 8 GPUs or a TPU pod slice,
          bf16 compute, remat, parameters and optimizer state sharded over all devices (FSDP).

@@ -8,8 +8,8 @@ Presets (`:size=`), all top-2 of 8 experts, byte-level (260 ids) on the offline 
 corpus, with the load-balancing loss (weight `model.moe.load_balance_weight`, 0.01) and the
 router z-loss (0.001):
   tiny   d=32, 2 layers, experts of FFN 32; a CPU in seconds (tests/test_configs.py).
-  small  d=256, 4 layers, 4 / 2 heads, experts of FFN 512, 256 context; a CPU in tens of
-         minutes or a GPU in one.
+  small  d=256, 4 layers, 4 / 2 heads, experts of FFN 512, 256 context, 2000 steps of 16 rows;
+         one GPU (on a CPU, hours; not timed).
   8x7b   the paper's shape: d=4096, 32 layers, 32 / 8 heads, experts of FFN 14336, RoPE theta
          10^6, full attention over 4096 tokens (the paper: 32k); a GPU cluster or TPU pod slice,
          bf16 compute, remat, FSDP over all devices.

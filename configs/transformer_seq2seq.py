@@ -8,14 +8,16 @@ shared between encoder, decoder and output, Xavier initialisation. Data: the off
 `synthetic_seq2seq` set (`:task=` copy, reverse (default), sort or addition; up to 12 characters,
 byte-level, 20000 / 512 / 512 disjoint train / validation / test pairs), packed into rows of 24.
 Presets (`:size=`):
-  small  d=64, 2 + 2 layers, 4 heads, FFN 256; a CPU in a few minutes. AdamW (0.9, 0.98), lr
-         1e-3, warmup 100 then cosine, 1500 steps of 64 rows: > 99% held-out token accuracy
-         on copy and on reverse (the same model and recipe as tests/models/test_learning.py).
+  small  d=64, 2 + 2 layers, 4 heads, FFN 256; AdamW (0.9, 0.98), lr 1e-3, warmup 100 then
+         cosine, clip 1.0, 1500 steps of 64 rows; about 3 minutes on the 2-core reference CPU.
+         Measured once each (seed 0), held-out token accuracy on validation / test: reverse
+         100% / 99.95%, copy 99.95% / 99.87% (tests/models/test_learning.py, slow, checks the
+         same recipe stays above 99%).
   base   the paper's base model: d=512, 6 + 6 layers, 8 heads, FFN 2048, dropout 0.1, label
          smoothing 0.1; Adam (0.9, 0.98, eps 1e-9) with the paper's schedule (eq. 3),
          lr = d^-0.5 * min(step^-0.5, step * 4000^-1.5), i.e. `inverse_sqrt` with warmup 4000
-         and peak (512 * 4000)^-0.5 = 7.0e-4; 100k steps of 256 rows. One GPU. Not yet
-         measured.
+         and peak (512 * 4000)^-0.5 = 7.0e-4; 100k steps of 256 rows. One GPU (hours). Not
+         yet measured.
   tiny   d=32, 1 + 1 layers; a CPU in seconds (tests/test_configs.py).
 """
 

@@ -15,7 +15,8 @@ from jaxformer.cli import load_run_config, setup_logging
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the run\'s own.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-_BATCHES = flags.DEFINE_integer('batches', 32, 'Number of batches (<= one pass).')
+_BATCHES = flags.DEFINE_integer('batches', 32,
+                                'Number of batches (<= one pass; -1: the whole split).')
 
 
 def main(argv):

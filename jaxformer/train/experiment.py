@@ -16,6 +16,7 @@ limit, batch size vs devices) run here, before compilation.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,8 @@ NONFINITE = ('stop', 'skip')
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Loop settings. Steps count optimizer updates; one step consumes `batch_size` examples
-  (split into `optim.grad_accum_steps` micro-batches)."""
+  (split into `optim.grad_accum_steps` micro-batches). `eval_batches` / `test_batches`: batches
+  per evaluation of the validation / test split; 0 skips it, -1 reads the whole split."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -61,7 +63,10 @@ class TrainConfig:
                  'keep_checkpoints'):
       if getattr(self, name) <= 0:
         fail(f'train.{name}', getattr(self, name), 'must be a positive integer')
-    for name in ('eval_batches', 'test_batches', 'sample_tokens', 'sample_top_k'):
+    for name in ('eval_batches', 'test_batches'):
+      if getattr(self, name) < -1:
+        fail(f'train.{name}', getattr(self, name), 'must be >= 0, or -1 for the whole split')
+    for name in ('sample_tokens', 'sample_top_k'):
       if getattr(self, name) < 0:
         fail(f'train.{name}', getattr(self, name), 'must be >= 0')
     if not 0.0 <= self.label_smoothing < 1.0:
@@ -158,6 +163,10 @@ class Experiment:
     if dcfg.target_len is not None and dcfg.target_len > m.max_length:
       fail('data.target_len', dcfg.target_len,
            f'exceeds the model limit model.max_length={m.max_length}')
+    if m.family == 'rnn_seq2seq' and dcfg.resolved_packing != 'none':
+      fail('data.packing', dcfg.packing,
+           "must be 'none' for the RNN encoder-decoder (model.family='rnn_seq2seq'): it carries "
+           'its state along a whole row, so packed examples would leak into each other')
     k = self.optim.grad_accum_steps
     if t.batch_size % k:
       fail('train.batch_size', t.batch_size,
@@ -211,3 +220,17 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'parallel': _build(ParallelConfig, dict(parallel or {}), 'parallel'),
   }
   return ml_collections.ConfigDict({k: _plain(v) for k, v in sections.items()})
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, imported exactly as `--config=path[:arg]` imports it.
+
+  For notebooks and tests: `load_config('configs/llama.py', 'size=tiny')`.
+  """
+  # The loader behind the --config flag, so a file behaves the same here and on the CLI.
+  from ml_collections.config_flags import config_flags  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  name = os.path.splitext(os.path.basename(path))[0]
+  module = config_flags._LoadConfigModule(f'{name}_config', path)  # pylint: disable=protected-access
+  return module.get_config(arg) if arg is not None else module.get_config()

@@ -152,7 +152,8 @@ class Trainer:
 
   # ---------------------------------------------------------------- evaluation
   def evaluate(self, split: str, num_batches: int) -> dict[str, float]:
-    if num_batches <= 0:
+    """Mean metrics over `num_batches` batches of `split` in order (-1: the whole split)."""
+    if num_batches == 0:
       return {}
     exp = self.exp
     it = data_pipeline.make_pipeline(
@@ -162,7 +163,7 @@ class Trainer:
     totals: dict[str, Any] = {}
     with jax.set_mesh(self.mesh), logical_rules(self.rules):
       for i, batch in enumerate(it):
-        if i >= num_batches:
+        if 0 < num_batches <= i:
           break
         sums = self.eval_step(self.state['params'], self._device_batch(batch))
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)

@@ -21,6 +21,7 @@ from flax import nnx
 from jaxformer.config import ConfigError
 from jaxformer.models import build_model, family
 from jaxformer.train import checkpoint as ckpt_lib
+from jaxformer.train.experiment import load_config
 from jaxformer.train.metrics import read_metrics
 from jaxformer.train.step import make_train_step
 from jaxformer.train.tasks import LossConfig
@@ -171,6 +172,11 @@ def test_bad_input_fails_before_compilation(tmp_path):
   c.train.nonfinite = 'ignore'
   with pytest.raises(ConfigError, match="train.nonfinite='ignore'.*allowed values"):
     Trainer(c, str(tmp_path / 'd'))
+  # An RNN carries its state along a row, so packed seq2seq rows would leak into each other.
+  rnn = load_config(os.path.join(ROOT, 'configs', 'rnn_attention.py'), 'size=tiny')
+  rnn.data.packing = 'first_fit'
+  with pytest.raises(ConfigError, match="data.packing='first_fit'.*'none' for the RNN"):
+    Trainer(rnn, str(tmp_path / 'e'))
 
 
 def test_incompatible_checkpoint_is_refused_naming_the_parameter(tmp_path):
