@@ -32,7 +32,8 @@ def check_choice(field: str, value: Any, choices) -> None:
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-FAMILIES = ('decoder', 'encoder', 'encoder_decoder', 'vit', 'rnn_seq2seq')
+FAMILIES = ('decoder', 'encoder', 'encoder_decoder', 'vit', 'rnn_seq2seq', 'transformer_xl',
+            'perceiver')
 NORMS = ('layernorm', 'rmsnorm', 'scalenorm')
 NORM_POSITIONS = ('pre', 'post', 'sandwich')
 ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
@@ -51,7 +52,9 @@ class AttentionConfig:
   t - window < s <= t (and s >= t - window + 1 in the bidirectional case, symmetric).
   `scale=None` means head_dim ** -0.5; T5 uses 1.0.
   `options` holds kind-specific settings (e.g. number of random features) that the registry
-  entry validates itself.
+  entry validates itself. `cross_kind` is the kind of cross-attention layers (encoder-decoder
+  families); None uses `kind` (with its options). Efficient self-attention kinds that cannot
+  attend to another sequence are combined with `cross_kind='dot_product'`.
   """
   kind: str = 'dot_product'
   impl: str = 'xla'
@@ -66,6 +69,7 @@ class AttentionConfig:
   window: int | None = None
   scale: float | None = None
   options: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+  cross_kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +100,15 @@ class FFNConfig:
 
   SwiGLU = silu + gated, GeGLU = gelu + gated, ReGLU = relu + gated.
   `hidden_dim=None` means 4 * d_model (8/3 * d_model rounded up to 8 when gated).
+  `chunk_size` applies the FFN to chunks of that many positions in turn (Reformer's chunked
+  FFN: the [T, F] hidden activation is never whole); None applies it at once.
   """
   activation: str = 'gelu'
   gated: bool = False
   hidden_dim: int | None = None
   bias: bool = True
   dropout: float = 0.0
+  chunk_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +141,22 @@ class RNNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+  """Perceiver (Jaegle et al. 2021; `jaxformer.models.perceiver`): `num_latents` latent vectors
+  of width d_model cross-attend to the inputs (`cross_heads` heads), then `model.num_layers`
+  latent self-attention layers; the pair is applied `num_repeats` times, repeats after the first
+  sharing weights when `share_weights` (the paper's recurrent form). `inputs`: 'tokens' (ids
+  [B, T] with learned or sinusoidal positions) or 'pixels' (images [B, H, W, C], one input
+  element per `model.patch_size`^2 patch with `fourier_bands` Fourier position features)."""
+  num_latents: int = 64
+  num_repeats: int = 1
+  share_weights: bool = True
+  cross_heads: int = 1
+  inputs: str = 'tokens'
+  fourier_bands: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
   family: str = 'decoder'
@@ -147,6 +170,7 @@ class ModelConfig:
   ffn: FFNConfig = FFNConfig()
   moe: MoEConfig = MoEConfig()
   rnn: RNNConfig = RNNConfig()
+  perceiver: PerceiverConfig = PerceiverConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -162,6 +186,10 @@ class ModelConfig:
   head_bias: bool = False
   type_vocab_size: int = 0
   pad_id: int = 0
+  # Transformer-XL (jaxformer.models.transformer_xl): cached states of the previous segment per
+  # layer, and the segment length a training row is cut into (None: the whole row).
+  memory_length: int = 0
+  segment_length: int | None = None
   # encoder heads (BERT / RoBERTa / ViT)
   mlm_head: bool = False
   pooler: bool = False
@@ -178,7 +206,8 @@ class ModelConfig:
   init: str = 'normal'
   init_std: float = 0.02
   scaled_residual_init: bool = False
-  # depth and precision
+  # depth and precision; reversible: Reformer's reversible residual layers (models/reversible.py)
+  reversible: bool = False
   scan_layers: bool = True
   remat: str = 'none'
   dtype: str = 'float32'
@@ -220,7 +249,7 @@ class ModelConfig:
   @property
   def is_causal(self) -> bool:
     """Whether the (decoder) self-attention is causal."""
-    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq')
+    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq', 'transformer_xl')
 
   # ---------------------------------------------------------------- construction
   @classmethod
@@ -298,13 +327,49 @@ class ModelConfig:
         fail('model.moe.capacity_factor', m.capacity_factor, 'must be > 0')
       if m.every <= 0:
         fail('model.moe.every', m.every, 'must be a positive integer')
+    if self.memory_length < 0:
+      fail('model.memory_length', self.memory_length, 'must be >= 0 (0: no memory)')
+    if self.segment_length is not None and self.segment_length <= 0:
+      fail('model.segment_length', self.segment_length, 'must be a positive integer or None')
+    if self.family == 'transformer_xl' and p.kind != 'none':
+      fail('model.position.kind', p.kind, "must be 'none' for model.family='transformer_xl' "
+           '(it has its own relative positions)')
+    pc = self.perceiver
+    check_choice('model.perceiver.inputs', pc.inputs, ('tokens', 'pixels'))
+    for name in ('num_latents', 'num_repeats', 'cross_heads', 'fourier_bands'):
+      if getattr(pc, name) <= 0:
+        fail(f'model.perceiver.{name}', getattr(pc, name), 'must be a positive integer')
+    if self.d_model % pc.cross_heads:
+      fail('model.perceiver.cross_heads', pc.cross_heads,
+           f'must divide model.d_model={self.d_model}')
     if self.family == 'vit' and self.image_size % self.patch_size:
       fail('model.patch_size', self.patch_size,
            f'must divide model.image_size={self.image_size}')
+    if self.ffn.chunk_size is not None and self.ffn.chunk_size <= 0:
+      fail('model.ffn.chunk_size', self.ffn.chunk_size, 'must be a positive integer or None')
+    if self.reversible:
+      self._validate_reversible()
     if self.type_vocab_size < 0:
       fail('model.type_vocab_size', self.type_vocab_size, 'must be >= 0')
     if not 0 <= self.pad_id < self.vocab_size:
       fail('model.pad_id', self.pad_id, f'must be a token id in [0, {self.vocab_size})')
+
+  def _validate_reversible(self) -> None:
+    why = 'model.reversible=True needs '
+    if self.family not in ('decoder', 'encoder', 'vit'):
+      fail('model.family', self.family, why + "a single stack: 'decoder', 'encoder' or 'vit'")
+    if self.norm_position == 'post':
+      fail('model.norm_position', self.norm_position,
+           why + "residual branches y = x + f(x): 'pre' or 'sandwich'")
+    if self.moe.num_experts:
+      fail('model.moe.num_experts', self.moe.num_experts, why + 'dense FFNs (0)')
+    for name, value in (('attention.dropout', self.attention.dropout),
+                        ('ffn.dropout', self.ffn.dropout),
+                        ('residual_dropout', self.residual_dropout),
+                        ('drop_path', self.drop_path)):
+      if value:
+        fail(f'model.{name}', value, why + '0: the backward pass recomputes every layer and '
+             'would need the same dropout masks (not implemented)')
 
 
 # -------------------------------------------------------------------- mapping -> dataclass

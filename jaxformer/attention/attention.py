@@ -20,11 +20,13 @@ left-padded batched prompts pass per-row `mask.q_positions` and `mask.q_segment_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
@@ -76,6 +78,8 @@ class Attention(nnx.Module):
     if cross and causal:
       raise ValueError('cross-attention cannot be causal: the keys come from another sequence')
     a = cfg.attention
+    if cross and a.cross_kind is not None and a.cross_kind != a.kind:
+      a = dataclasses.replace(a, kind=a.cross_kind, options=FrozenDict())
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.attention_cfg, self.position_cfg = a, cfg.position
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h

@@ -38,13 +38,14 @@ from typing import Any
 
 from jaxformer.config import AttentionConfig, ConfigError
 
-# causal: causal masking; padding: segment/padding masks; bias: additive bias (ALiBi, T5);
+# causal: causal masking; padding: padding masks (segment id 0); segments: packed examples
+# (segment ids 1, 2, ... in one row) never see each other; bias: additive bias (ALiBi, T5);
 # decode: KV-cached incremental decoding; cross: keys from another sequence; window: sliding
 # window; dropout: dropout on probabilities; weights: can sow attention probabilities;
 # softcap: logit soft-capping; shaw: the call also accepts `value_bias_fn(probs [B, N, T, S])
 # -> [B, T, N, H]`, added to the output (Shaw et al. relative value term).
-FEATURES = frozenset({'causal', 'padding', 'bias', 'decode', 'cross', 'window', 'dropout',
-                      'weights', 'softcap', 'shaw'})
+FEATURES = frozenset({'causal', 'padding', 'segments', 'bias', 'decode', 'cross', 'window',
+                      'dropout', 'weights', 'softcap', 'shaw'})
 
 _REGISTRY: dict[tuple[str, str], type] = {}
 _REASONS: dict[tuple[str, str], dict[str, str]] = {}

@@ -8,6 +8,11 @@ gelu_pytorch_tanh), 'silu' (== swish), 'tanh'.
 
 Einsum letters: B batch, T length, D model dim, F ffn hidden dim.
 
+Chunked FFN (Kitaev et al. 2020, sec. 3): with `cfg.ffn.chunk_size` = C the positions are
+processed C at a time by `lax.map`, so only a [B, C, F] hidden activation exists at once; the
+result equals the unchunked FFN (it is position-wise). With dropout, chunk i draws its mask from
+fold_in(key, i), one key per call.
+
 Parameter names and their Hugging Face counterparts (PyTorch Linear weights are transposed):
   plain:  wi [D, F] ('embed', 'mlp')    W1   GPT-2 c_fc, BERT intermediate.dense, T5 wi
           bi [F]    ('mlp',)            b1
@@ -88,12 +93,28 @@ class FeedForward(nnx.Module):
     for name, (role, names) in ffn_weight_specs(cfg).items():
       setattr(self, name, param(rngs, inits[role], shapes[role], names, cfg.params_dtype))
     self.dropout = nnx.Dropout(cfg.ffn.dropout, rngs=rngs if cfg.ffn.dropout > 0 else None)
+    self.chunk_size = cfg.ffn.chunk_size
 
   def _w(self, name):
     w = getattr(self, name, None)
     return None if w is None else w[...].astype(self.dtype)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """x [..., T, D] -> [..., T, D], in chunks of `chunk_size` positions when it is set."""
+    t, c = x.shape[-2], self.chunk_size
+    if c is None or t <= c:
+      return self._apply(x, deterministic)
+    key = self.dropout.rngs() if not deterministic and self.dropout.rate > 0 else None
+    n = -(-t // c)
+    pad = [(0, 0)] * x.ndim
+    pad[-2] = (0, n * c - t)
+    xs = jnp.moveaxis(jnp.pad(x, pad).reshape(x.shape[:-2] + (n, c, x.shape[-1])), -3, 0)
+    ys = jax.lax.map(lambda a: self._apply(
+        a[0], deterministic, None if key is None else jax.random.fold_in(key, a[1])),
+        (xs, jnp.arange(n)))
+    return jnp.moveaxis(ys, 0, -3).reshape(x.shape[:-2] + (n * c, -1))[..., :t, :]
+
+  def _apply(self, x, deterministic, key=None):
     x = x.astype(self.dtype)
     act = activation(self.activation)
     if self.gated:
@@ -102,7 +123,7 @@ class FeedForward(nnx.Module):
     else:
       h = act(_dense(x, self._w('wi'), self._w('bi')))
     h = constrain(h, ('batch', 'length', 'mlp'))
-    h = self.dropout(h, deterministic=deterministic)
+    h = self.dropout(h, deterministic=deterministic, rngs=key)
     return _dense(h, self._w('wo'), self._w('bo'))
 
 

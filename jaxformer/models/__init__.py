@@ -28,6 +28,12 @@ def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0
   if cfg.family == 'rnn_seq2seq':
     from jaxformer.models.rnn_seq2seq import RNNSeq2Seq
     return RNNSeq2Seq(cfg, rngs=rngs)
+  if cfg.family == 'transformer_xl':
+    from jaxformer.models.transformer_xl import TransformerXL
+    return TransformerXL(cfg, rngs=rngs)
+  if cfg.family == 'perceiver':
+    from jaxformer.models.perceiver import Perceiver
+    return Perceiver(cfg, rngs=rngs)
   raise AssertionError(cfg.family)
 
 

@@ -80,6 +80,24 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         ffn=dict(activation='gelu', bias=True), pooler=True),
     # Bahdanau et al. 2015 / Luong et al. 2015 baseline.
     'rnn': dict(family='rnn_seq2seq', position=dict(kind='none')),
+    # Kitaev et al. 2020: shared-QK LSH attention, reversible layers, chunked FFN, pre-LN.
+    # Learned absolute positions stand in for the paper's axial ones.
+    'reformer': dict(
+        family='decoder', norm='layernorm', norm_position='pre',
+        attention=dict(kind='lsh'), position=dict(kind='learned'),
+        ffn=dict(activation='gelu', bias=True, chunk_size=64), reversible=True,
+        tie_embeddings=True),
+    # Dai et al. 2019: segment recurrence with relative positions (own attention), pre-LN here.
+    'transformer_xl': dict(
+        family='transformer_xl', norm='layernorm', norm_position='pre',
+        position=dict(kind='none'), ffn=dict(activation='relu', bias=True),
+        tie_embeddings=True, memory_length=64),
+    # Jaegle et al. 2021: latents cross-attend to the inputs, pre-LN, GELU MLPs, learned
+    # positions for token inputs (Fourier features for images are built in).
+    'perceiver': dict(
+        family='perceiver', norm='layernorm', norm_position='pre',
+        attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='learned'),
+        ffn=dict(activation='gelu', bias=True)),
 }
 
 

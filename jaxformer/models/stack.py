@@ -8,6 +8,8 @@ debugging and for the scan == unrolled property), so checkpoints do not depend o
 When MoE replaces the FFN in every `moe.every`-th layer, the scanned unit is a group of `every`
 layers (the last of which is MoE), so the scanned body stays homogeneous.
 
+With `model.reversible` the same layers run as reversible residual layers (models/reversible.py).
+
 Position information that is a bias over (query, key) positions (ALiBi, T5 buckets) is computed
 once per stack and shared by all layers, as in T5 and ALiBi.
 """
@@ -21,6 +23,7 @@ from flax import nnx
 from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
+from jaxformer.models import reversible
 from jaxformer.models.block import TransformerBlock, zero_aux
 
 REMAT_POLICIES = {
@@ -125,7 +128,9 @@ class Stack(nnx.Module):
     """x [B, T, D] -> (y, new_cache, aux); aux sums MoE losses over layers."""
     t = x.shape[1]
     q_pos = mask.q_positions if mask.q_positions is not None else jnp.arange(t)[None]
-    if cache is not None:
+    if cache is not None and 'positions' in cache[0]['self']:
+      # Key positions of the cache slots for a stack-level bias (a stateful core's cache
+      # has none: such kinds take no bias).
       c0 = jax.tree.map(lambda a: a[0], cache[0]['self'])
       kv_pos = jax.lax.dynamic_update_slice(
           c0['positions'], jnp.broadcast_to(q_pos, (c0['positions'].shape[0], t)).astype(
@@ -133,6 +138,11 @@ class Stack(nnx.Module):
     else:
       kv_pos = mask.kv_positions if mask.kv_positions is not None else q_pos
     bias = self.bias(q_pos, kv_pos)
+    if self.cfg.reversible:  # Reformer: two streams, inputs recomputed in the backward pass
+      x, new_cache = reversible.reversible_stack(
+          self.layers, x, mask, bias=bias, cache=cache, deterministic=deterministic,
+          scan=self.cfg.scan_layers)
+      return x, new_cache, zero_aux(self.cfg)
     kwargs = dict(bias=bias, enc=enc, enc_mask=enc_mask, token_ids=token_ids,
                   deterministic=deterministic)
 

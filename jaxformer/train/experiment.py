@@ -167,6 +167,14 @@ class Experiment:
       fail('data.packing', dcfg.packing,
            "must be 'none' for the RNN encoder-decoder (model.family='rnn_seq2seq'): it carries "
            'its state along a whole row, so packed examples would leak into each other')
+    if dcfg.resolved_packing != 'none' and m.family not in ('rnn_seq2seq', 'vit'):
+      from jaxformer.attention import registry  # pylint: disable=import-outside-toplevel
+      a = m.attention
+      if 'segments' not in registry.lookup(a.kind, a.impl).features:
+        fail('data.packing', dcfg.packing,
+             f"must be 'none' for model.attention.kind={a.kind!r}: it cannot keep packed "
+             'examples apart (it does not support segment ids), so packed rows would leak into '
+             "each other; set data.packing='none'")
     k = self.optim.grad_accum_steps
     if t.batch_size % k:
       fail('train.batch_size', t.batch_size,

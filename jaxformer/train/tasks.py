@@ -30,6 +30,8 @@ FAMILY_TASKS = {
     'encoder_decoder': SEQ2SEQ,
     'rnn_seq2seq': SEQ2SEQ,
     'vit': ('classification',),
+    'transformer_xl': ('lm',),
+    'perceiver': ('classification',),
 }
 
 

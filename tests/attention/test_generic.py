@@ -112,7 +112,7 @@ def test_scan_over_layers_equals_unrolled(kind):
 
   @nnx.jit
   def scanned(layers, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, length=3)
     def body(h, layer):
       return h + layer(h, AttentionMask())[0]
     return body(x, layers)

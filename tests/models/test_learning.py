@@ -6,8 +6,10 @@ minutes each, so they are marked slow: `python -m pytest -m slow tests/models/te
 
 import os
 
+import numpy as np
 import pytest
 
+from jaxformer.data.config import DataConfig
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config, load_config
 from jaxformer.train.trainer import Trainer
@@ -39,16 +41,40 @@ def test_rnn_with_attention_learns_copy_and_reverse(tmp_path, task, attention):
   assert result['test']['accuracy'] > 0.99, result['test']
 
 
+def unigram_bits_per_byte(data_cfg, split):
+  """Cross-entropy of `split` under the byte frequencies of the training split (add-1/2): the
+  best any model that ignores context can do on average."""
+  from jaxformer.data import sources  # pylint: disable=import-outside-toplevel
+  cfg = DataConfig.from_dict(data_cfg)
+  counts = {}
+  for name in ('train', split):
+    src, _ = sources.load(cfg, name)
+    data = b''.join(src[i]['text'] for i in range(len(src)))
+    counts[name] = np.bincount(np.frombuffer(data, np.uint8), minlength=256).astype(np.float64)
+  p = (counts['train'] + 0.5) / (counts['train'] + 0.5).sum()
+  return float(-(counts[split] * np.log2(p)).sum() / counts[split].sum())
+
+
 def test_nope_decoder_still_trains(tmp_path):
-  model = family_dict('llama', vocab_size=260, d_model=64, num_layers=2, max_length=64,
-                      attention=dict(num_heads=4), position=dict(kind='none'))
+  """CATALOG C7: a causal decoder with no position encoding at all still learns to use context.
+
+  Its held-out bits per byte end up far below the best context-free (unigram) model's and close
+  to the same model with RoPE trained the same way (measured once: unigram 4.55, NoPE 3.72, RoPE
+  3.42 bits per byte on python_stdlib/small validation after 600 steps).
+  """
   data = dict(name='python_stdlib/small', task='lm', tokenizer='byte', extra_ids=0, seq_len=64)
-  optim = dict(optimizer='adamw', lr=3e-3, schedule='warmup_cosine', warmup_steps=20,
-               total_steps=300)
-  train = dict(batch_size=32, steps=300, log_every=50, eval_every=300, eval_batches=8,
-               checkpoint_every=300, progress=False, async_checkpoint=False)
-  result = Trainer(default_config(model=model, data=data, optim=optim, train=train),
-                   str(tmp_path)).run()
-  # A byte-level unigram model of Python source costs about 4.5 bits per byte; learning
-  # context without any position signal must get well below it.
-  assert result['eval']['bits_per_byte'] < 3.5, result['eval']
+  optim = dict(optimizer='adamw', lr=3e-3, schedule='warmup_cosine', warmup_steps=30,
+               total_steps=600)
+  train = dict(batch_size=32, steps=600, log_every=100, eval_every=600, eval_batches=-1,
+               checkpoint_every=600, progress=False, async_checkpoint=False)
+  bpb = {}
+  for kind in ('none', 'rope'):
+    model = family_dict('llama', vocab_size=260, d_model=64, num_layers=2, max_length=64,
+                        attention=dict(num_heads=4), position=dict(kind=kind))
+    result = Trainer(default_config(model=model, data=data, optim=optim, train=train),
+                     str(tmp_path / kind)).run()
+    bpb[kind] = result['eval']['bits_per_byte']
+  unigram = unigram_bits_per_byte(data, 'validation')
+  assert 4.0 < unigram < 5.0, unigram  # Python source: about 4.5 bits per byte
+  assert bpb['none'] < unigram - 0.5, (unigram, bpb)
+  assert bpb['none'] < bpb['rope'] + 0.5, (unigram, bpb)

@@ -177,6 +177,11 @@ def test_bad_input_fails_before_compilation(tmp_path):
   rnn.data.packing = 'first_fit'
   with pytest.raises(ConfigError, match="data.packing='first_fit'.*'none' for the RNN"):
     Trainer(rnn, str(tmp_path / 'e'))
+  # Kinds that mix a whole row (Linformer, Nystromformer, FNet) cannot train on packed rows.
+  c = quick_config()
+  c.model.attention.kind = 'fnet'
+  with pytest.raises(ConfigError, match="data.packing=.*model.attention.kind='fnet'"):
+    Trainer(c, str(tmp_path / 'f'))
 
 
 def test_incompatible_checkpoint_is_refused_naming_the_parameter(tmp_path):
