@@ -65,6 +65,10 @@ def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
   return table
 
 
+# Query blocks computed together in one step of the block loop (see _block_pass).
+_BLOCKS_PER_STEP = 8
+
+
 def _with_pattern(mask: AttentionMask, pattern: Pattern, qpos, kpos) -> AttentionMask:
   """`mask` with the pattern over every (query, key) pair [T, S] added to its extra term."""
   allowed = pattern(qpos[:, None, :, None], kpos[:, None, None, :])
@@ -121,43 +125,57 @@ def _merge(parts):
 
 
 def _block_pass(q, k, v, mask, pattern, table, qpos, kpos, block_size, weights):
-  """Query blocks of Q rows over their listed keys (table [C, W])."""
+  """Query blocks of Q rows over their listed keys (table [C, W]).
+
+  The blocks run under `lax.map` in groups of `_BLOCKS_PER_STEP`, each group rematerialised in
+  the backward pass, so only one group's gathered keys, values and probabilities are alive at a
+  time: memory O(T + group x Q x W) instead of O(C x Q x W) for all blocks at once.
+  """
   b, t, kh, g, h = q.shape
   c, w = table.shape
   tp = c * block_size
-  idx = np.maximum(table, 0)
   qb = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0))).reshape(
       b, c, block_size, kh, g, h)
-  kg = jnp.take(k, idx.reshape(-1), axis=1).reshape(b, c, w, kh, h)
-  vg = jnp.take(v, idx.reshape(-1), axis=1).reshape(b, c, w, kh, h)
-  logits = jnp.einsum('BCQKGH,BCWKH->BCKGQW', qb, kg, preferred_element_type=jnp.float32)
-
   qp = jnp.pad(jnp.broadcast_to(qpos, (b, t)), ((0, 0), (0, tp - t)), mode='edge')
   qp = qp.reshape(b, c, block_size)
-  kp = jnp.take(jnp.broadcast_to(kpos, (b, t)), idx, axis=1)  # [B, C, W]
-  allowed = pattern(qp[:, :, None, :, None], kp[:, :, None, None, :])
-  allowed = jnp.logical_and(allowed, (table >= 0)[None, :, None, None, :])
+  kp_all = jnp.broadcast_to(kpos, (b, t))
   qseg, kseg = mask.q_segment_ids, mask.kv_segment_ids
   if qseg is not None:
-    qseg = jnp.pad(qseg, ((0, 0), (0, tp - t))).reshape(b * c, block_size)
-  if kseg is not None:
-    kseg = jnp.take(kseg, idx, axis=1).reshape(b * c, w)
-  rule = _rule(mask, qseg, kseg, qp.reshape(b * c, block_size), kp.reshape(b * c, w),
-               block_size, w)
-  if rule is not None:
-    allowed = jnp.logical_and(allowed, rule.reshape(b, c, 1, block_size, w))
+    qseg = jnp.pad(qseg, ((0, 0), (0, tp - t))).reshape(b, c, block_size)
+  ex = None
   if mask.extra is not None:
     ex = mask.extra.astype(bool)
     eb, en = ex.shape[:2]
     ex = jnp.pad(ex, ((0, 0), (0, 0), (0, tp - t), (0, 0))).reshape(eb, en, c, block_size, t)
-    cols = jnp.broadcast_to(jnp.asarray(idx)[None, None, :, None, :], (eb, en, c, block_size, w))
-    ex = jnp.take_along_axis(ex, cols, axis=-1)
-    allowed = jnp.logical_and(allowed, ex.transpose(0, 2, 1, 3, 4))
+  rows = jnp.asarray(table)
+  rng = weights.get('dropout_rng')
 
-  e, top, total = _partial(logits, _heads(allowed, 2, kh, g), **weights)
-  num = jnp.einsum('BCKGQW,BCWKH->BCQKGH', e.astype(v.dtype), vg,
-                   preferred_element_type=jnp.float32).reshape(b, tp, kh, g, h)[:, :t]
-  stat = lambda x: x.transpose(0, 1, 4, 2, 3).reshape(b, tp, kh, g)[:, :t]
+  def one(i):
+    row = rows[i]
+    idx = jnp.maximum(row, 0)
+    kg, vg = jnp.take(k, idx, axis=1), jnp.take(v, idx, axis=1)  # [B, W, K, H]
+    logits = jnp.einsum('BQKGH,BWKH->BKGQW', qb[:, i], kg, preferred_element_type=jnp.float32)
+    qpi, kp = qp[:, i], jnp.take(kp_all, idx, axis=1)  # [B, Q], [B, W]
+    allowed = pattern(qpi[:, None, :, None], kp[:, None, None, :])  # [B, 1|N, Q, W]
+    allowed = jnp.logical_and(allowed, (row >= 0)[None, None, None, :])
+    rule = _rule(mask, None if qseg is None else qseg[:, i],
+                 None if kseg is None else jnp.take(kseg, idx, axis=1), qpi, kp, block_size, w)
+    allowed = _and(allowed, rule)
+    if ex is not None:
+      allowed = jnp.logical_and(allowed, jnp.take(ex[:, :, i], idx, axis=-1))
+    block_weights = dict(weights)
+    if rng is not None:
+      block_weights['dropout_rng'] = jax.random.fold_in(rng, i)
+    e, top, total = _partial(logits, _heads(allowed, 1, kh, g), **block_weights)
+    num = jnp.einsum('BKGQW,BWKH->BQKGH', e.astype(v.dtype), vg,
+                     preferred_element_type=jnp.float32)
+    return num, top, total
+
+  num, top, total = jax.lax.map(jax.checkpoint(one), jnp.arange(c),
+                                batch_size=min(c, _BLOCKS_PER_STEP))
+  num = jnp.moveaxis(num, 0, 1).reshape(b, tp, kh, g, h)[:, :t]
+  # [C, B, K, G, Q] -> [B, C, Q, K, G] -> [B, T, K, G]
+  stat = lambda x: x.transpose(1, 0, 4, 2, 3).reshape(b, tp, kh, g)[:, :t]
   return num, stat(top), stat(total)
 
 
