@@ -199,10 +199,11 @@ class LSHAttention(nnx.Module):
   features = frozenset({'causal', 'padding', 'segments'})
   subquadratic = True
   # The generic gradient-causality test needs d out_t / d x_s > 0 for every s <= t at T = 8:
-  # one bucket and chunks of 4 keep every earlier token visible (two rounds still exercise the
-  # de-duplication), and without the self-mask out_1 is not exactly v_0. The hashed and
-  # self-masked paths are tested against dense oracles in tests/attention/test_lsh.py.
-  example_options = {'n_buckets': 1, 'n_hashes': 2, 'chunk_size': 4, 'self_mask': False}
+  # Generic tests (T = 8): two buckets, two rounds and the self-mask are active; one chunk of 8
+  # keeps causal layers strictly causal (with several chunks, later tokens can shift which
+  # earlier keys share a chunk; see the module docstring). Multi-chunk sorting is tested
+  # against dense oracles in tests/attention/test_lsh.py.
+  example_options = {'n_buckets': 2, 'n_hashes': 2, 'chunk_size': 8, 'self_mask': True}
 
   def __init__(self, cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int,
                dtype=None, param_dtype=None, rngs: nnx.Rngs | None = None, **unused):

@@ -128,9 +128,8 @@ class LocalAttention(_Sparse):
 
   kind = 'local'
   defaults = {'window': 128, 'block_size': 64}
-  # T = 8 in the generic tests: a window of 8 still covers every earlier token, as their
-  # causality test demands; narrower windows are tested in tests/attention/test_sparse.py.
-  example_options = {'window': 8, 'block_size': 3}
+  # T = 8 in the generic tests: a window of 3 over blocks of 3 (lengths not block multiples).
+  example_options = {'window': 3, 'block_size': 3}
 
   def _configure(self, opts):
     self.window = _positive(self.kind, opts, 'window')
@@ -163,8 +162,8 @@ class DilatedAttention(_Sparse):
 
   kind = 'dilated'
   defaults = {'window': 64, 'dilation': 2, 'block_size': 64}
-  # Heads alternate dilation 1 (covering all T = 8 tokens, see LocalAttention) and 2.
-  example_options = {'window': 8, 'dilation': (1, 2), 'block_size': 3}
+  # Heads alternate dilation 1 and 2.
+  example_options = {'window': 3, 'dilation': (1, 2), 'block_size': 3}
 
   def _configure(self, opts):
     self.window = _positive(self.kind, opts, 'window')
@@ -207,8 +206,8 @@ class LongformerAttention(_Sparse):
 
   kind = 'longformer'
   defaults = {'window': 128, 'global_tokens': 1, 'block_size': 64}
-  # At T = 8 the last query sees tokens 0-1 as global keys and 2-7 through its window.
-  example_options = {'window': 6, 'global_tokens': 2, 'block_size': 3}
+  # At T = 8: one global token and a window of 2.
+  example_options = {'window': 2, 'global_tokens': 1, 'block_size': 3}
 
   def _configure(self, opts):
     self.window = _positive(self.kind, opts, 'window')
@@ -343,8 +342,8 @@ class SparseTransformerAttention(_Sparse):
 
   kind = 'sparse_transformer'
   defaults = {'pattern': 'strided', 'stride': 128, 'summary': 8, 'block_size': 64}
-  # A stride of 8 makes A1 reach every earlier token at T = 8 (generic causality test).
-  example_options = {'pattern': 'strided', 'stride': 8, 'summary': 2, 'block_size': 3}
+  # At T = 8: a stride of 3, so both the local and the strided component are exercised.
+  example_options = {'pattern': 'strided', 'stride': 3, 'summary': 2, 'block_size': 3}
 
   def _configure(self, opts):
     if opts['pattern'] not in ('strided', 'fixed'):

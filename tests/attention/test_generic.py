@@ -54,7 +54,9 @@ def test_causality_outputs_and_gradients(kind):
   jac = jax.jit(jax.jacrev(lambda x: m(x, AttentionMask())[0][0].sum(-1)))(x[:1])
   jac = np.abs(np.asarray(jac)[:, 0]).sum(-1)  # |d out[0, t] / d x[0, s, :]| as [T, S]
   assert np.all(jac[np.triu_indices(T, 1)] == 0.0)
-  assert np.all(jac[np.tril_indices(T)] > 0.0)
+  # Not vacuous: every output depends on some visible input (sparse kinds see a subset of the
+  # past, so not every s <= t needs to matter).
+  assert np.all(jac.max(axis=1) > 0.0)
 
 
 @pytest.mark.parametrize('kind', KINDS)
