@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.attention.core import _NEG, dot_product_attention
+from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention
 from jaxformer.attention.mask import AttentionMask
 
 # pattern(q_pos [.., 1, Tq, 1], kv_pos [.., 1, 1, Sk]) -> bool [.., N|1, Tq, Sk]
@@ -102,7 +102,7 @@ def _partial(logits, allowed, scale, logit_softcap, dropout_rate, dropout_rng):
   logits = logits * scale
   if logit_softcap is not None:
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-  logits = jnp.where(allowed, logits, _NEG)
+  logits = jnp.where(allowed, logits, MASKED_LOGIT)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   e = jnp.where(allowed, jnp.exp(logits - top), 0.0)
   total = e.sum(-1)

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
+from jaxformer.attention.core import MASKED_LOGIT
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _pad_axis(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
@@ -104,7 +104,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                             window=mask.window).dense(cq, ck)
     if allowed is not None:
       allowed = heads(allowed)
-      z = jnp.where(allowed, z, _NEG)
+      z = jnp.where(allowed, z, MASKED_LOGIT)
     m_new = jax.lax.stop_gradient(jnp.maximum(m, z.max(-1)))
     p = jnp.exp(z - m_new[..., None])
     if allowed is not None:
@@ -118,7 +118,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   def query_step(xs):
     q_blk, q_seg, q_pos, bias_row, extra_row = xs
     q_blk = q_blk.reshape(b, cq, kh, g, h)
-    init = (jnp.full((b, kh, g, cq), _NEG, jnp.float32), jnp.zeros((b, kh, g, cq), jnp.float32),
+    init = (jnp.full((b, kh, g, cq), MASKED_LOGIT, jnp.float32), jnp.zeros((b, kh, g, cq), jnp.float32),
             jnp.zeros((b, kh, g, cq, h), jnp.float32))
     step = jax.checkpoint(lambda c, x: key_step(q_blk, q_seg, q_pos, c, x), prevent_cse=False)
     (_, l, acc), _ = jax.lax.scan(step, init, k_side + (bias_row, extra_row))

@@ -25,7 +25,9 @@ from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The logit given to masked keys: large, negative and finite, so exp() underflows to 0 and
+# differences of two masked logits stay finite (no NaN in softmax or its gradient).
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -62,7 +64,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
   allowed = mask.dense(t, s) if mask is not None else None
   if allowed is not None:
-    logits = jnp.where(allowed, logits, _NEG)
+    logits = jnp.where(allowed, logits, MASKED_LOGIT)
   probs = jax.nn.softmax(logits, axis=-1)
   if allowed is not None:
     probs = jnp.where(allowed, probs, 0.0)

@@ -47,11 +47,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
+from jaxformer.attention.core import MASKED_LOGIT
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, fail
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
-SELF_LOGIT = -1e5  # the paper's self-mask value: below any real logit, far above _NEG
+SELF_LOGIT = -1e5  # the paper's self-mask value: below any real logit, far above MASKED_LOGIT
 
 DEFAULTS = {'n_buckets': 8, 'n_hashes': 2, 'chunk_size': 64, 'seed': 0, 'self_mask': True}
 
@@ -155,14 +155,14 @@ def lsh_attention(q: jax.Array, v: jax.Array, mask: AttentionMask | None, *, n_b
     logits = jnp.where(e(qi) == f(ki), SELF_LOGIT, logits)
   if n_hashes > 1:
     logits -= jnp.log(_duplicates(buckets, chunk_of, order, c).astype(jnp.float32))
-  logits = jnp.where(allowed, logits, _NEG)
+  logits = jnp.where(allowed, logits, MASKED_LOGIT)
   m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   w = jnp.where(allowed, jnp.exp(logits - m), 0.0)
   total = jnp.sum(w, axis=-1, keepdims=True)
   seen = total > 0
   total = jnp.where(seen, total, 1.0)
   out = jnp.einsum('BNRXCS,BNRXSH->BNRXCH', w / total, sv).reshape(b, n, n_hashes, tp, h)
-  lse = jnp.where(seen, m + jnp.log(total), _NEG).reshape(b, n, n_hashes, tp)
+  lse = jnp.where(seen, m + jnp.log(total), MASKED_LOGIT).reshape(b, n, n_hashes, tp)
 
   # Back to token order, then weight the rounds by softmax over their log-sum-exps.
   out = jnp.take_along_axis(out, rank[..., None], axis=3)

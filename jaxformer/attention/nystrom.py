@@ -29,11 +29,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
+from jaxformer.attention.core import MASKED_LOGIT
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
 from jaxformer.layers import base
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LANDMARKS = 'landmarks are means over the whole sequence, so '
 
 
@@ -59,7 +59,7 @@ def _segments(valid: jax.Array, m: int) -> jax.Array:
 
 def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
   """softmax over the last axis where `allowed`; rows with nothing allowed are 0."""
-  probs = jax.nn.softmax(jnp.where(allowed, logits, _NEG), axis=-1)
+  probs = jax.nn.softmax(jnp.where(allowed, logits, MASKED_LOGIT), axis=-1)
   return jnp.where(allowed, probs, 0.0)
 
 

@@ -21,17 +21,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.attention.core import MASKED_LOGIT
 from jaxformer.layers import base
 
 LUONG_KINDS = ('dot', 'general', 'concat')
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _attend(scores: jax.Array, keys: jax.Array, mask: jax.Array | None):
   """Masked softmax over S and the weighted sum of keys [B, S, C]."""
   scores = scores.astype(jnp.float32)
   if mask is not None:
-    scores = jnp.where(mask, scores, _NEG)
+    scores = jnp.where(mask, scores, MASKED_LOGIT)
   weights = jax.nn.softmax(scores, axis=-1)
   if mask is not None:
     weights = jnp.where(mask, weights, 0.0)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.attention.core import MASKED_LOGIT
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import base
 from jaxformer.layers import positions as pos_lib
@@ -56,7 +57,6 @@ from jaxformer.layers.norms import make_norm
 from jaxformer.models.block import SubLayer
 from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder
 
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def rel_shift(x: jax.Array) -> jax.Array:
@@ -122,7 +122,7 @@ class RelativeAttention(nnx.Module):
     seg = ((q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
            & (q_segment_ids[:, :, None] != 0))
     allowed = (seg & causal[None])[:, None]
-    logits = jnp.where(allowed, self.logits(x, kv), _NEG)
+    logits = jnp.where(allowed, self.logits(x, kv), MASKED_LOGIT)
     probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
     probs = self.dropout(probs, deterministic=deterministic)
     dt = self.dtype
