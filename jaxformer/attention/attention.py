@@ -81,6 +81,8 @@ class Attention(nnx.Module):
     if cross and a.cross_kind is not None and a.cross_kind != a.kind:
       a = dataclasses.replace(a, kind=a.cross_kind, options=FrozenDict())
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    needed = needed_features(cfg, cross=cross, causal=causal)
+    a = registry.resolve(a, needed, cfg.compute_dtype)  # impl 'auto' -> a concrete impl
     self.attention_cfg, self.position_cfg = a, cfg.position
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
     self.cross, self.causal = cross, causal
@@ -93,8 +95,7 @@ class Attention(nnx.Module):
     self.uses_projections = getattr(core_cls, 'uses_projections', True)
     self.core = registry.build(a, num_heads=n, num_kv_heads=k, head_dim=h, dtype=self.dtype,
                                param_dtype=pdt, rngs=rngs, max_length=cfg.max_length,
-                               causal=causal, cross=cross,
-                               needed=needed_features(cfg, cross=cross, causal=causal))
+                               causal=causal, cross=cross, needed=needed)
     if self.uses_projections:
       init = base.make_init(cfg.init, cfg.init_std, in_axis=0, out_axis=(1, 2))
       out_init = base.residual_init(cfg.init, cfg.init_std, cfg.num_layers,

@@ -36,6 +36,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
 from jaxformer.config import AttentionConfig, ConfigError
 
 # causal: causal masking; padding: padding masks (segment id 0); segments: packed examples
@@ -99,18 +104,49 @@ def impls(kind: str) -> list[str]:
   return sorted(i for k, i in _REGISTRY if k == kind)
 
 
+# impl='auto': the fused implementations worth trying first on each backend, best first; the
+# kind's reference 'xla' and then any other impl of the kind follow. cuDNN only for fp16 / bf16.
+AUTO_ORDER = {'gpu': ('cudnn', 'pallas'), 'tpu': ('pallas',)}
+
+
+def resolve_impl(kind: str, impl: str, needed: set[str] = frozenset(), dtype=None,
+                 backend: str | None = None) -> str:
+  """`impl`, or for 'auto' the first impl of `kind` in `AUTO_ORDER[backend]` + ['xla'] + the
+  rest that provides every feature in `needed` (the first candidate when none does, so that
+  `require` names what is missing)."""
+  if impl != 'auto':
+    return impl
+  _ensure_loaded()
+  backend = backend or jax.default_backend()
+  half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  order = [i for i in AUTO_ORDER.get(backend, ()) if i != 'cudnn' or half] + ['xla'] + impls(kind)
+  order = [i for i in order if (kind, i) in _REGISTRY]
+  for i in order:
+    if set(needed) <= set(_REGISTRY[(kind, i)].features):
+      return i
+  return order[0] if order else 'xla'
+
+
+def resolve(cfg: AttentionConfig, needed: set[str] = frozenset(), dtype=None) -> AttentionConfig:
+  """`cfg` with impl 'auto' replaced by the impl it resolves to (see `resolve_impl`)."""
+  impl = resolve_impl(cfg.kind, cfg.impl, needed, dtype)
+  return cfg if impl == cfg.impl else dataclasses.replace(cfg, impl=impl)
+
+
 def lookup(kind: str, impl: str = 'xla') -> type:
   _ensure_loaded()
+  impl = resolve_impl(kind, impl)
   if not any(k == kind for k, _ in _REGISTRY):
     raise ConfigError(f'model.attention.kind={kind!r} is invalid: allowed values are {kinds()}')
   if (kind, impl) not in _REGISTRY:
     raise ConfigError(f'model.attention.impl={impl!r} is invalid for kind {kind!r}: '
-                      f'allowed values are {impls(kind)}')
+                      f"allowed values are {impls(kind) + ['auto']}")
   return _REGISTRY[(kind, impl)]
 
 
 def require(cfg: AttentionConfig, needed: set[str], where: str = 'model.attention') -> None:
   """Fails with the kind's reason when it lacks a feature the model needs."""
+  cfg = resolve(cfg, needed)
   cls = lookup(cfg.kind, cfg.impl)
   missing = sorted(set(needed) - set(cls.features))
   if missing:
@@ -123,6 +159,7 @@ def require(cfg: AttentionConfig, needed: set[str], where: str = 'model.attentio
 def build(cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, rngs,
           dtype=None, param_dtype=None, needed: set[str] = frozenset(), **kwargs):
   """Instantiates the core for `cfg.kind` / `cfg.impl` after checking `needed` features."""
+  cfg = resolve(cfg, set(needed), dtype)
   require(cfg, set(needed))
   cls = lookup(cfg.kind, cfg.impl)
   return cls(cfg, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
