@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +39,8 @@ from flax import nnx
 
 from jaxformer.attention import Attention, AttentionMask, registry
 from jaxformer.config import ConfigError, ModelConfig
+
+import benchlib  # experiments/benchlib.py, next to this script
 
 DENSE = ('dot_product', 'xla')
 FIELDS = ('kind', 'impl', 'length', 'status', 'seconds', 'peak_bytes', 'speedup_vs_dense',
@@ -136,18 +135,12 @@ def measure(kind: str, impl: str, n: int, args, options: dict) -> dict:
   if peak > budget:
     return dict(row, status='skipped')
   try:
-    jax.block_until_ready(compiled(*inputs))
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*inputs))
-      times.append(time.perf_counter() - t0)
+    row['seconds'] = benchlib.median_seconds(compiled, *inputs, repeats=args.repeats)
   except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
+    if benchlib.is_oom(e):
       return dict(row, status='oom')
     print(f'  {kind}/{impl} n={n} failed to run: {type(e).__name__}: {e}', file=sys.stderr)
     return dict(row, status='error')
-  row['seconds'] = statistics.median(times)
   return row
 
 
@@ -223,11 +216,7 @@ def main(argv=None) -> None:
       secs = f"{1e3 * row['seconds']:.2f} ms" if row['seconds'] != '' else ''
       print(f'{kind}/{impl} n={n}: {row["status"]} {secs}', flush=True)
   add_ratios(rows)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=FIELDS)
-    w.writeheader()
-    w.writerows(rows)
+  benchlib.write_csv(rows, FIELDS, args.out)
   png = os.path.splitext(args.out)[0] + '.png'
   plot(rows, png, f'attention fwd+bwd, B={args.batch}, {args.heads} heads x {args.head_dim}, '
                   f'{"causal" if args.causal else "bidirectional"}, {backend} ({device_kind})')
