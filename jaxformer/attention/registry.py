@@ -25,6 +25,9 @@ Optional parts of the protocol:
     x [B, T, D] itself as q = k = v of shape [B, T, 1, D]; the core's [B, T, 1, D] output is the
     layer's output (FNet-style token mixing).
 
+`impl='auto'` is resolved when a layer is built (`resolve_impl`): the best fused impl of the
+kind on this backend that provides every needed feature, else the kind's 'xla' reference.
+
 New kinds plug in with `@register('name')` (and optionally `impl=`) without touching model code,
 and the tests in tests/attention/test_generic.py pick them up automatically through `kinds()`.
 A core declares what it supports in `features`, a subset of FEATURES; asking for anything else
