@@ -6,7 +6,8 @@ Both compute the same function as the reference 'xla' core (`core.dot_product_at
     forward and backward, Triton schedule on GPU, Mosaic schedule on TPU, interpret mode on CPU
     (exact but slow: for tests and small runs). The mask is evaluated inside the kernel from
     segment ids and positions, so packed sequences, padding, causal and sliding-window masks,
-    cross-attention and KV-cached decoding all work, and GQA reads each kv head once.
+    cross-attention and KV-cached decoding all work, GQA reads each kv head once, and an additive
+    bias (T5 relative buckets, ALiBi) is read tile by tile and gets its gradient.
   * 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only, fp16 /
     bf16. Self-attention whose positions are the model's own (one positions array for queries
     and keys) uses cuDNN's causal / sliding-window masks; segment ids become a boolean mask;
@@ -41,8 +42,6 @@ def _no_extra(mask: AttentionMask | None, impl: str) -> None:
 
 
 @registry.register('dot_product', 'pallas', unsupported={
-    'bias': "the Pallas kernel has no additive-bias input (T5 relative bias, ALiBi); use impl "
-            "'xla', 'chunked' or 'cudnn'",
     'dropout': _NO_DROPOUT, 'weights': _NO_WEIGHTS, 'shaw': _NO_SHAW})
 class PallasDotProductAttention(nnx.Module):
   """Flash attention in Pallas (module docstring).
@@ -53,7 +52,8 @@ class PallasDotProductAttention(nnx.Module):
   backend's); `interpret` (default: True off GPU/TPU).
   """
 
-  features = frozenset({'causal', 'padding', 'segments', 'decode', 'cross', 'window', 'softcap'})
+  features = frozenset({'causal', 'padding', 'segments', 'bias', 'decode', 'cross', 'window',
+                        'softcap'})
   example_options = {'block_q': 16, 'block_k': 16, 'block_q_bwd': 16, 'block_k_bwd': 16}
   subquadratic = True
 
@@ -82,14 +82,12 @@ class PallasDotProductAttention(nnx.Module):
   def __call__(self, q, k, v, mask: AttentionMask | None, bias=None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None, **unused):
     del deterministic, dropout_rng, unused  # dropout is refused at build time
-    if bias is not None:
-      raise ValueError("attention impl 'pallas' takes no additive bias; use impl 'xla'")
     _no_extra(mask, 'pallas')
     mask = AttentionMask() if mask is None else mask
     return fa.flash_attention(
         q, k, v, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
         q_positions=mask.q_positions, kv_positions=mask.kv_positions, causal=mask.causal,
-        window=mask.window, scale=self.scale, logit_softcap=self.logit_softcap,
+        window=mask.window, scale=self.scale, logit_softcap=self.logit_softcap, bias=bias,
         block_sizes=self.block_sizes, schedule=self.schedule, interpret=self.interpret)
 
 

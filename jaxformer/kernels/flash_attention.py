@@ -1,6 +1,6 @@
 """Flash attention (Dao et al. 2022; FlashAttention-2, Dao 2023) as Pallas kernels, catalog row A8.
 
-    Z = s Q K^T,  Z' = c tanh(Z / c) (optional soft cap),  P = softmax(Z' masked),  O = P V
+    Z = s Q K^T + bias,  Z' = c tanh(Z / c) (optional soft cap),  P = softmax(Z' masked),  O = P V
 
 Tiled: a block of queries visits the key blocks one at a time and keeps the running row maximum
 m, normaliser l and unnormalised output acc (online softmax), so no [T, S] matrix exists; the
@@ -11,7 +11,9 @@ P = exp(Z' - L) block by block:
     dZ = dZ' (1 - tanh^2(Z / c)) with the cap,   dQ = s dZ K,   dK = s dZ^T Q
 
 in one kernel for dK, dV (a key block visits the query blocks of all G query heads that read
-its kv head, so GQA never repeats K/V, not even in the gradient) and one for dQ.
+its kv head, so GQA never repeats K/V, not even in the gradient) and one for dQ, which also
+writes d bias = dZ block by block when a bias is given (T5's learned relative bias needs it; the
+bias itself is an [B|1, N|1, T, S] input, read tile by tile).
 
 Masks follow `jaxformer.attention.mask.AttentionMask`: allowed = q_seg == kv_seg != 0, causal
 kv_pos <= q_pos, window |q_pos - kv_pos| < w (one-sided when causal). Per-block minima and
@@ -47,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxformer.attention.core import MASKED_LOGIT
+from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention
+from jaxformer.attention.mask import AttentionMask
 from jaxformer.kernels import compat
 from jaxformer.kernels.compat import pl
 
@@ -88,6 +91,16 @@ class _Static:
   groups: int
   schedule: str
   interpret: bool
+  bias_batch: bool | None = None  # None: no bias; else whether it varies over batch
+  bias_heads: bool = False        # whether it varies over heads
+
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_batch is not None
+
+  def bias_index(self, b, n):
+    """Batch and head index into the [B|1, N|1, ...] bias."""
+    return (b if self.bias_batch else 0), (n if self.bias_heads else 0)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -95,8 +108,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     kv_segment_ids: jax.Array | None = None,
                     q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
                     causal: bool = False, window: int | None = None, scale: float | None = None,
-                    logit_softcap: float | None = None, block_sizes: BlockSizes | None = None,
-                    schedule: str | None = None, interpret: bool | None = None) -> jax.Array:
+                    logit_softcap: float | None = None, bias: jax.Array | None = None,
+                    block_sizes: BlockSizes | None = None, schedule: str | None = None,
+                    interpret: bool | None = None) -> jax.Array:
   """Exact softmax attention of q [B, T, N, H] over k, v [B, S, K, H] -> [B, T, N, H].
 
   Args:
@@ -104,6 +118,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     q_positions, kv_positions: [B|1, T] / [B|1, S] int for causal / window; default arange.
     causal, window: the masks of `AttentionMask` (window one-sided when causal).
     scale: multiplies q.k, default H ** -0.5; logit_softcap: c of c tanh(z / c), or None.
+    bias: additive float bias [B|1, N|1, T, S] (before the soft cap), differentiable.
     block_sizes: tiles; default `BlockSizes.default(schedule)`, capped at the padded lengths.
     schedule: 'gpu' or 'tpu'; default the TPU schedule on TPU, otherwise the GPU one.
     interpret: run in Pallas interpret mode; default True unless the backend is GPU or TPU.
@@ -119,6 +134,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
   if window is not None and window < 1:
     raise ValueError(f'window must be >= 1, got {window}')
+  if bias is not None and (bias.ndim != 4 or bias.shape[0] not in (1, b)
+                           or bias.shape[1] not in (1, n) or bias.shape[2:] != (t, s)):
+    raise ValueError(f'bias must have shape [B|1, N|1, T, S] = [{b}|1, {n}|1, {t}, {s}], '
+                     f'got {bias.shape}')
   platform = jax.default_backend()
   schedule = schedule or ('tpu' if platform == 'tpu' else 'gpu')
   if schedule not in SCHEDULES:
@@ -136,7 +155,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   hp = max(16, pl.next_power_of_2(h))
   st = _Static(causal=bool(causal), window=window, scale=h ** -0.5 if scale is None else scale,
                softcap=logit_softcap, bq=bq, bk=bk, bqb=bqb, bkb=bkb, groups=n // kh,
-               schedule=schedule, interpret=bool(interpret))
+               schedule=schedule, interpret=bool(interpret),
+               bias_batch=None if bias is None else bias.shape[0] > 1,
+               bias_heads=bias is not None and bias.shape[1] > 1)
 
   def ids(seg, length, padded):
     seg = jnp.ones((b, length), jnp.int32) if seg is None else seg.astype(jnp.int32)
@@ -150,7 +171,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
           pos(kv_positions, s, sp))
   heads_first = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0),
                                               (0, hp - h))).transpose(0, 2, 1, 3)
-  out = _flash(st, heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), side)
+  if bias is not None:
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)))
+  out = _flash(st, heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), bias, side)
   return out.transpose(0, 2, 1, 3)[:, :t, :, :h]
 
 
@@ -176,18 +199,20 @@ def _dot(a, b, trans_b: bool = False):
   return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _logits(q, k, st: _Static):
+def _logits(q, k, bias, st: _Static):
   """Z' [bq, bk] (fp32) and tanh(Z / c) (or None) for the soft-cap derivative."""
   z = _dot(q, k, trans_b=True) * st.scale
+  if bias is not None:
+    z = z + bias.astype(_F32)
   if st.softcap is None:
     return z, None
   th = jnp.tanh(z / st.softcap)
   return st.softcap * th, th
 
 
-def _fwd_step(q, k, v, allowed, carry, st: _Static):
+def _fwd_step(q, k, v, bias, allowed, carry, st: _Static):
   m, l, acc = carry  # [bq, 1], [bq, 1], [bq, H]
-  z, _ = _logits(q, k, st)
+  z, _ = _logits(q, k, bias, st)
   z = jnp.where(allowed, z, MASKED_LOGIT)
   m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
   alpha = jnp.exp(m - m_new)
@@ -204,9 +229,9 @@ def _finish(m, l, acc, dtype):
   return out, lse
 
 
-def _grad_logits(q, k, v, do, lse, delta, allowed, st: _Static):
-  """dZ [bq, bk] (fp32, before the scale s) and P [bq, bk] of one block pair."""
-  z, th = _logits(q, k, st)
+def _grad_logits(q, k, v, bias, do, lse, delta, allowed, st: _Static):
+  """dZ [bq, bk] (fp32; = d bias, and s dZ = d(Q K^T)) and P [bq, bk] of one block pair."""
+  z, th = _logits(q, k, bias, st)
   p = jnp.where(allowed, jnp.exp(z - lse), 0.0)
   dz = p * (_dot(do, v, trans_b=True) - delta)
   if th is not None:
@@ -268,21 +293,24 @@ def _pad_pow2(x, axes):
 # ----------------------------------------------------------------------------- custom VJP
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, side):
-  return _forward(st, q, k, v, side)[0]
+def _flash(st: _Static, q, k, v, bias, side):
+  return _forward(st, q, k, v, bias, side)[0]
 
 
-def _flash_fwd(st, q, k, v, side):
-  out, lse = _forward(st, q, k, v, side)
-  return out, (q, k, v, side, out, lse)
+def _flash_fwd(st, q, k, v, bias, side):
+  out, lse = _forward(st, q, k, v, bias, side)
+  return out, (q, k, v, bias, side, out, lse)
 
 
 def _flash_bwd(st, res, do):
-  q, k, v, side, out, lse = res
+  q, k, v, bias, side, out, lse = res
   delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-  dq = _backward_dq(st, q, k, v, side, do, lse, delta)
-  dk, dv = _backward_dkv(st, q, k, v, side, do, lse, delta)
-  return dq, dk, dv, None
+  dq, dbias = _backward_dq(st, q, k, v, bias, side, do, lse, delta)
+  dk, dv = _backward_dkv(st, q, k, v, bias, side, do, lse, delta)
+  if bias is not None:
+    axes = tuple(a for a, varies in ((0, st.bias_batch), (1, st.bias_heads)) if not varies)
+    dbias = jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype)
+  return dq, dk, dv, dbias, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -298,62 +326,22 @@ def _call(st: _Static, kernel, *, head_dim: int | None = None, **kwargs):
   if st.schedule == 'gpu' and not st.interpret:
     kwargs['compiler_params'] = compat.gpu_compiler_params(
         num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  elif st.schedule == 'tpu' and not st.interpret:
+    kwargs['compiler_params'] = compat.tpu_compiler_params(
+        dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary'))
   return pl.pallas_call(kernel, interpret=st.interpret, **kwargs)
 
 
-def _forward(st: _Static, q, k, v, side):
-  b, n, tp, hp = q.shape
-  sp = k.shape[2]
-  nq, nk, g = tp // st.bq, sp // st.bk, st.groups
-  vis = _visible(side, st.bq, st.bk, st)
+def _gpu_ranges(vis):
+  """(lo, hi, flags) for the GPU kernels, padded to power-of-two shapes for Triton."""
   lo, hi = _ranges(vis)
-  qseg, kseg, qpos, kpos = _int_views(side)
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((b, n, tp, 1), _F32)]
-  if st.schedule == 'gpu':
-    lo, hi, vis = _pad_pow2(lo, {1}), _pad_pow2(hi, {1}), _pad_pow2(vis.astype(jnp.int32), {1, 2})
-    nqp, nkp = vis.shape[1:]
-    qmap = lambda bi, ni, i: (bi, ni, i, 0)
-    kmap = lambda bi, ni, i: (bi, ni // g, 0, 0)
-    return _call(
-        st, functools.partial(_fwd_kernel_gpu, st=st), grid=(b, n, nq), head_dim=hp,
-        in_specs=[pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
-                  pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
-                  pl.BlockSpec((None, nqp, nkp), lambda bi, ni, i: (bi, 0, 0)),
-                  pl.BlockSpec((None, None, st.bq, hp), qmap),
-                  pl.BlockSpec((None, None, sp, hp), kmap),
-                  pl.BlockSpec((None, None, sp, hp), kmap),
-                  pl.BlockSpec((None, st.bq, 1), lambda bi, ni, i: (bi, i, 0)),
-                  pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0)),
-                  pl.BlockSpec((None, st.bq, 1), lambda bi, ni, i: (bi, i, 0)),
-                  pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, st.bq, hp), qmap),
-                   pl.BlockSpec((None, None, st.bq, 1), qmap)],
-        out_shape=out_shape, name='flash_fwd')(lo, hi, vis, q, k, v, qseg, kseg, qpos, kpos)
+  return _pad_pow2(lo, {1}), _pad_pow2(hi, {1}), _pad_pow2(vis.astype(jnp.int32), {1, 2})
 
-  pltpu = compat.tpu()
-  kblock = lambda bi, i, j, lo_, hi_: _clamp(j, lo_[bi * nq + i], hi_[bi * nq + i])
-  qmap = lambda bi, ni, i, j, *_: (bi, ni, i, 0)
-  kmap = lambda bi, ni, i, j, lo_, hi_, vis_: (bi, ni // g, kblock(bi, i, j, lo_, hi_), 0)
-  krow = lambda bi, ni, i, j, lo_, hi_, vis_: (bi, 0, kblock(bi, i, j, lo_, hi_))
-  qcol = lambda bi, ni, i, j, *_: (bi, i, 0)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(b, n, nq, nk),
-      in_specs=[pl.BlockSpec((None, None, st.bq, hp), qmap),
-                pl.BlockSpec((None, None, st.bk, hp), kmap),
-                pl.BlockSpec((None, None, st.bk, hp), kmap),
-                pl.BlockSpec((None, st.bq, 1), qcol), pl.BlockSpec((None, 1, st.bk), krow),
-                pl.BlockSpec((None, st.bq, 1), qcol), pl.BlockSpec((None, 1, st.bk), krow)],
-      out_specs=[pl.BlockSpec((None, None, st.bq, hp), qmap),
-                 pl.BlockSpec((None, None, st.bq, 1), qmap)],
-      scratch_shapes=[pltpu.VMEM((st.bq, 1), _F32), pltpu.VMEM((st.bq, 1), _F32),
-                      pltpu.VMEM((st.bq, hp), _F32)])
-  return _call(st, functools.partial(_fwd_kernel_tpu, st=st, nq=nq, nk=nk),
-               grid_spec=grid_spec, out_shape=out_shape, name='flash_fwd',
-               compiler_params=None if st.interpret else compat.tpu_compiler_params(
-                   dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')))(
-      lo.reshape(-1), hi.reshape(-1), vis.astype(jnp.int32).reshape(-1),
-      q, k, v, qseg, kseg, qpos, kpos)
+
+def _tpu_ranges(vis):
+  """(lo, hi, flags) flattened to 1-D for the scalar-prefetch operands (SMEM)."""
+  lo, hi = _ranges(vis)
+  return lo.reshape(-1), hi.reshape(-1), vis.astype(jnp.int32).reshape(-1)
 
 
 def _clamp(j, lo, hi):
@@ -361,8 +349,69 @@ def _clamp(j, lo, hi):
   return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi, 0))
 
 
-def _fwd_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref,
-                    kpos_ref, o_ref, lse_ref, *, st: _Static):
+# ----------------------------------------------------------------------------- forward
+
+def _forward(st: _Static, q, k, v, bias, side):
+  b, n, tp, hp = q.shape
+  sp = k.shape[2]
+  nq, nk, g = tp // st.bq, sp // st.bk, st.groups
+  vis = _visible(side, st.bq, st.bk, st)
+  ints = _int_views(side)
+  extra = [] if bias is None else [bias]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, n, tp, 1), _F32)]
+  if st.schedule == 'gpu':
+    lo, hi, flags = _gpu_ranges(vis)
+    nqp, nkp = flags.shape[1:]
+    qmap = lambda bi, ni, i: (bi, ni, i, 0)
+    kmap = lambda bi, ni, i: (bi, ni // g, 0, 0)
+    qcol = pl.BlockSpec((None, st.bq, 1), lambda bi, ni, i: (bi, i, 0))
+    krow = pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0))
+    in_specs = [pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
+                pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
+                pl.BlockSpec((None, nqp, nkp), lambda bi, ni, i: (bi, 0, 0)),
+                pl.BlockSpec((None, None, st.bq, hp), qmap),
+                pl.BlockSpec((None, None, sp, hp), kmap), pl.BlockSpec((None, None, sp, hp), kmap),
+                qcol, krow, qcol, krow]
+    if bias is not None:
+      in_specs.append(pl.BlockSpec((None, None, st.bq, sp),
+                                   lambda bi, ni, i: st.bias_index(bi, ni) + (i, 0)))
+    return _call(st, functools.partial(_fwd_kernel_gpu, st=st), grid=(b, n, nq), head_dim=hp,
+                 in_specs=in_specs,
+                 out_specs=[pl.BlockSpec((None, None, st.bq, hp), qmap),
+                            pl.BlockSpec((None, None, st.bq, 1), qmap)],
+                 out_shape=out_shape, name='flash_fwd')(lo, hi, flags, q, k, v, *ints, *extra)
+
+  pltpu = compat.tpu()
+  kblock = lambda bi, i, j, lo_, hi_: _clamp(j, lo_[bi * nq + i], hi_[bi * nq + i])
+  qmap = lambda bi, ni, i, j, *_: (bi, ni, i, 0)
+  kmap = lambda bi, ni, i, j, lo_, hi_, _: (bi, ni // g, kblock(bi, i, j, lo_, hi_), 0)
+  qcol = pl.BlockSpec((None, st.bq, 1), lambda bi, ni, i, j, *_: (bi, i, 0))
+  krow = pl.BlockSpec((None, 1, st.bk),
+                      lambda bi, ni, i, j, lo_, hi_, _: (bi, 0, kblock(bi, i, j, lo_, hi_)))
+  in_specs = [pl.BlockSpec((None, None, st.bq, hp), qmap),
+              pl.BlockSpec((None, None, st.bk, hp), kmap),
+              pl.BlockSpec((None, None, st.bk, hp), kmap), qcol, krow, qcol, krow]
+  if bias is not None:
+    in_specs.append(pl.BlockSpec(
+        (None, None, st.bq, st.bk),
+        lambda bi, ni, i, j, lo_, hi_, _: st.bias_index(bi, ni) + (i, kblock(bi, i, j, lo_, hi_))))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3, grid=(b, n, nq, nk), in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, st.bq, hp), qmap),
+                 pl.BlockSpec((None, None, st.bq, 1), qmap)],
+      scratch_shapes=[pltpu.VMEM((st.bq, 1), _F32), pltpu.VMEM((st.bq, 1), _F32),
+                      pltpu.VMEM((st.bq, hp), _F32)])
+  return _call(st, functools.partial(_fwd_kernel_tpu, st=st, nq=nq, nk=nk),
+               grid_spec=grid_spec, out_shape=out_shape, name='flash_fwd')(
+      *_tpu_ranges(vis), q, k, v, *ints, *extra)
+
+
+def _fwd_kernel_gpu(*refs, st: _Static):
+  refs = list(refs)
+  bias_ref = refs.pop(10) if st.has_bias else None
+  lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref = refs[:10]
+  o_ref, lse_ref = refs[10:]
   i = pl.program_id(2)
   q, qseg, qpos = q_ref[...], qseg_ref[...], qpos_ref[...]
 
@@ -370,15 +419,19 @@ def _fwd_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg
     def step(carry):
       sl = pl.ds(pl.multiple_of(j * st.bk, st.bk), st.bk)
       allowed = _allowed(qseg, qpos, kseg_ref[:, sl], kpos_ref[:, sl], st)
-      return _fwd_step(q, k_ref[sl, :], v_ref[sl, :], allowed, carry, st)
+      bias = None if bias_ref is None else bias_ref[:, sl]
+      return _fwd_step(q, k_ref[sl, :], v_ref[sl, :], bias, allowed, carry, st)
     return lax.cond(vis_ref[i, j] != 0, step, lambda c: c, carry)
 
   m, l, acc = lax.fori_loop(lo_ref[i], hi_ref[i] + 1, body, _init(st.bq, q.shape[-1]))
   o_ref[...], lse_ref[...] = _finish(m, l, acc, o_ref.dtype)
 
 
-def _fwd_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref,
-                    kpos_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, st: _Static, nq, nk):
+def _fwd_kernel_tpu(*refs, st: _Static, nq, nk):
+  refs = list(refs)
+  bias_ref = refs.pop(10) if st.has_bias else None
+  (lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qpos_ref, kpos_ref, o_ref,
+   lse_ref, m_scr, l_scr, acc_scr) = refs
   bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -388,8 +441,10 @@ def _fwd_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg
   @pl.when(vis_ref[(bi * nq + i) * nk + j] != 0)
   def _():
     allowed = _allowed(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], st)
+    bias = None if bias_ref is None else bias_ref[...]
     m_scr[...], l_scr[...], acc_scr[...] = _fwd_step(
-        q_ref[...], k_ref[...], v_ref[...], allowed, (m_scr[...], l_scr[...], acc_scr[...]), st)
+        q_ref[...], k_ref[...], v_ref[...], bias, allowed,
+        (m_scr[...], l_scr[...], acc_scr[...]), st)
 
   @pl.when(j == nk - 1)
   def _():
@@ -398,72 +453,92 @@ def _fwd_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, qseg_ref, kseg
 
 # ----------------------------------------------------------------------------- backward: dQ
 
-def _backward_dq(st: _Static, q, k, v, side, do, lse, delta):
+def _backward_dq(st: _Static, q, k, v, bias, side, do, lse, delta):
+  """dQ [B, N, T, H] and, with a bias, dZ [B, N, T, S] (fp32; zero where nothing is visible)."""
   b, n, tp, hp = q.shape
   sp = k.shape[2]
   nq, nk, g = tp // st.bqb, sp // st.bkb, st.groups
   vis = _visible(side, st.bqb, st.bkb, st)
-  lo, hi = _ranges(vis)
-  qseg, kseg, qpos, kpos = _int_views(side)
-  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  ints = _int_views(side)
+  extra = [] if bias is None else [bias]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if bias is not None:
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), _F32))
   if st.schedule == 'gpu':
-    lo, hi, vis = _pad_pow2(lo, {1}), _pad_pow2(hi, {1}), _pad_pow2(vis.astype(jnp.int32), {1, 2})
-    nqp, nkp = vis.shape[1:]
+    lo, hi, flags = _gpu_ranges(vis)
+    nqp, nkp = flags.shape[1:]
     qmap = lambda bi, ni, i: (bi, ni, i, 0)
     kmap = lambda bi, ni, i: (bi, ni // g, 0, 0)
     qblock = pl.BlockSpec((None, None, st.bqb, hp), qmap)
-    return _call(
-        st, functools.partial(_dq_kernel_gpu, st=st), grid=(b, n, nq), head_dim=hp,
-        in_specs=[pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
-                  pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
-                  pl.BlockSpec((None, nqp, nkp), lambda bi, ni, i: (bi, 0, 0)),
-                  qblock, pl.BlockSpec((None, None, sp, hp), kmap),
-                  pl.BlockSpec((None, None, sp, hp), kmap), qblock,
-                  pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                  pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                  pl.BlockSpec((None, st.bqb, 1), lambda bi, ni, i: (bi, i, 0)),
-                  pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0)),
-                  pl.BlockSpec((None, st.bqb, 1), lambda bi, ni, i: (bi, i, 0)),
-                  pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0))],
-        out_specs=qblock, out_shape=out_shape, name='flash_bwd_dq')(
-            lo, hi, vis, q, k, v, do, lse, delta, qseg, kseg, qpos, kpos)
+    rowvec = pl.BlockSpec((None, None, st.bqb, 1), qmap)
+    qcol = pl.BlockSpec((None, st.bqb, 1), lambda bi, ni, i: (bi, i, 0))
+    krow = pl.BlockSpec((None, 1, sp), lambda bi, ni, i: (bi, 0, 0))
+    in_specs = [pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
+                pl.BlockSpec((None, nqp), lambda bi, ni, i: (bi, 0)),
+                pl.BlockSpec((None, nqp, nkp), lambda bi, ni, i: (bi, 0, 0)),
+                qblock, pl.BlockSpec((None, None, sp, hp), kmap),
+                pl.BlockSpec((None, None, sp, hp), kmap), qblock, rowvec, rowvec,
+                qcol, krow, qcol, krow]
+    out_specs = [qblock]
+    if bias is not None:
+      in_specs.append(pl.BlockSpec((None, None, st.bqb, sp),
+                                   lambda bi, ni, i: st.bias_index(bi, ni) + (i, 0)))
+      out_specs.append(pl.BlockSpec((None, None, st.bqb, sp), qmap))
+    outs = _call(st, functools.partial(_dq_kernel_gpu, st=st), grid=(b, n, nq), head_dim=hp,
+                 in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                 name='flash_bwd_dq')(lo, hi, flags, q, k, v, do, lse, delta, *ints, *extra)
+    return outs[0], (outs[1] if bias is not None else None)
 
   pltpu = compat.tpu()
   kblock = lambda bi, i, j, lo_, hi_: _clamp(j, lo_[bi * nq + i], hi_[bi * nq + i])
   qmap = lambda bi, ni, i, j, *_: (bi, ni, i, 0)
-  kmap = lambda bi, ni, i, j, lo_, hi_, vis_: (bi, ni // g, kblock(bi, i, j, lo_, hi_), 0)
-  krow = lambda bi, ni, i, j, lo_, hi_, vis_: (bi, 0, kblock(bi, i, j, lo_, hi_))
-  qcol = lambda bi, ni, i, j, *_: (bi, i, 0)
+  kmap = lambda bi, ni, i, j, lo_, hi_, _: (bi, ni // g, kblock(bi, i, j, lo_, hi_), 0)
   qblock = pl.BlockSpec((None, None, st.bqb, hp), qmap)
+  rowvec = pl.BlockSpec((None, None, st.bqb, 1), qmap)
+  qcol = pl.BlockSpec((None, st.bqb, 1), lambda bi, ni, i, j, *_: (bi, i, 0))
+  krow = pl.BlockSpec((None, 1, st.bkb),
+                      lambda bi, ni, i, j, lo_, hi_, _: (bi, 0, kblock(bi, i, j, lo_, hi_)))
+  in_specs = [qblock, pl.BlockSpec((None, None, st.bkb, hp), kmap),
+              pl.BlockSpec((None, None, st.bkb, hp), kmap), qblock, rowvec, rowvec,
+              qcol, krow, qcol, krow]
+  out_specs = [qblock]
+  if bias is not None:
+    in_specs.append(pl.BlockSpec(
+        (None, None, st.bqb, st.bkb),
+        lambda bi, ni, i, j, lo_, hi_, _: st.bias_index(bi, ni) + (i, kblock(bi, i, j, lo_, hi_))))
+    # Every block of d bias is written (zeros where skipped), so its index map is not clamped.
+    out_specs.append(pl.BlockSpec((None, None, st.bqb, st.bkb), lambda bi, ni, i, j, *_:
+                                  (bi, ni, i, j)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(b, n, nq, nk),
-      in_specs=[qblock, pl.BlockSpec((None, None, st.bkb, hp), kmap),
-                pl.BlockSpec((None, None, st.bkb, hp), kmap), qblock,
-                pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                pl.BlockSpec((None, st.bqb, 1), qcol), pl.BlockSpec((None, 1, st.bkb), krow),
-                pl.BlockSpec((None, st.bqb, 1), qcol), pl.BlockSpec((None, 1, st.bkb), krow)],
-      out_specs=qblock, scratch_shapes=[pltpu.VMEM((st.bqb, hp), _F32)])
-  return _call(st, functools.partial(_dq_kernel_tpu, st=st, nq=nq, nk=nk),
-               grid_spec=grid_spec, out_shape=out_shape, name='flash_bwd_dq',
-               compiler_params=None if st.interpret else compat.tpu_compiler_params(
-                   dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')))(
-      lo.reshape(-1), hi.reshape(-1), vis.astype(jnp.int32).reshape(-1),
-      q, k, v, do, lse, delta, qseg, kseg, qpos, kpos)
+      num_scalar_prefetch=3, grid=(b, n, nq, nk), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((st.bqb, hp), _F32)])
+  outs = _call(st, functools.partial(_dq_kernel_tpu, st=st, nq=nq, nk=nk),
+               grid_spec=grid_spec, out_shape=out_shape, name='flash_bwd_dq')(
+      *_tpu_ranges(vis), q, k, v, do, lse, delta, *ints, *extra)
+  return outs[0], (outs[1] if bias is not None else None)
 
 
-def _dq_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                   qseg_ref, kseg_ref, qpos_ref, kpos_ref, dq_ref, *, st: _Static):
+def _dq_kernel_gpu(*refs, st: _Static):
+  refs = list(refs)
+  bias_ref = refs.pop(13) if st.has_bias else None
+  dbias_ref = refs.pop(14) if st.has_bias else None
+  (lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+   qpos_ref, kpos_ref, dq_ref) = refs
   i = pl.program_id(2)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   qseg, qpos = qseg_ref[...], qpos_ref[...]
+  if dbias_ref is not None:
+    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
 
   def body(j, dq):
     def step(dq):
       sl = pl.ds(pl.multiple_of(j * st.bkb, st.bkb), st.bkb)
       k = k_ref[sl, :]
       allowed = _allowed(qseg, qpos, kseg_ref[:, sl], kpos_ref[:, sl], st)
-      dz, _ = _grad_logits(q, k, v_ref[sl, :], do, lse, delta, allowed, st)
+      bias = None if bias_ref is None else bias_ref[:, sl]
+      dz, _ = _grad_logits(q, k, v_ref[sl, :], bias, do, lse, delta, allowed, st)
+      if dbias_ref is not None:
+        dbias_ref[:, sl] = dz
       return dq + _dot(dz.astype(k.dtype), k)
     return lax.cond(vis_ref[i, j] != 0, step, lambda d: d, dq)
 
@@ -471,22 +546,34 @@ def _dq_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dq_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                   qseg_ref, kseg_ref, qpos_ref, kpos_ref, dq_ref, dq_scr, *, st: _Static, nq,
-                   nk):
+def _dq_kernel_tpu(*refs, st: _Static, nq, nk):
+  refs = list(refs)
+  bias_ref = refs.pop(13) if st.has_bias else None
+  dbias_ref = refs.pop(14) if st.has_bias else None
+  (lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+   qpos_ref, kpos_ref, dq_ref, dq_scr) = refs
   bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  visible = vis_ref[(bi * nq + i) * nk + j] != 0
 
   @pl.when(j == 0)
   def _():
     dq_scr[...] = jnp.zeros(dq_scr.shape, _F32)
 
-  @pl.when(vis_ref[(bi * nq + i) * nk + j] != 0)
+  @pl.when(visible)
   def _():
     k = k_ref[...]
     allowed = _allowed(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], st)
-    dz, _ = _grad_logits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                         allowed, st)
+    bias = None if bias_ref is None else bias_ref[...]
+    dz, _ = _grad_logits(q_ref[...], k, v_ref[...], bias, do_ref[...], lse_ref[...],
+                         delta_ref[...], allowed, st)
+    if dbias_ref is not None:
+      dbias_ref[...] = dz
     dq_scr[...] += _dot(dz.astype(k.dtype), k)
+
+  if dbias_ref is not None:
+    @pl.when(jnp.logical_not(visible))
+    def _():
+      dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
 
   @pl.when(j == nk - 1)
   def _():
@@ -495,75 +582,78 @@ def _dq_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
-def _backward_dkv(st: _Static, q, k, v, side, do, lse, delta):
+def _backward_dkv(st: _Static, q, k, v, bias, side, do, lse, delta):
   """A key block of kv head h accumulates over the query blocks of heads h*G ... h*G + G-1,
   read from q viewed as [B, K, G*T, H] (row c*T + t is query t of head h*G + c)."""
   b, n, tp, hp = q.shape
   kh, sp = k.shape[1], k.shape[2]
   nq, nk, g = tp // st.bqb, sp // st.bkb, st.groups
   vis = jnp.swapaxes(_visible(side, st.bqb, st.bkb, st), 1, 2)  # [B, nk, nq]
-  lo, hi = _ranges(vis)  # query-block range per key block
-  qseg, kseg, qpos, kpos = _int_views(side)
-  grouped = lambda x: x.reshape(b, kh, g * tp, x.shape[-1])
+  ints = _int_views(side)
+  grouped = lambda x: x.reshape(x.shape[0], x.shape[1] // g, g * tp, x.shape[-1])
   q, do, lse, delta = grouped(q), grouped(do), grouped(lse), grouped(delta)
+  bias_rows = g * tp if st.bias_heads else tp
+  extra = []
+  if bias is not None:
+    extra = [grouped(bias) if st.bias_heads else bias]
+  bias_head = lambda bi, hk: (bi if st.bias_batch else 0, hk if st.bias_heads else 0)
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   if st.schedule == 'gpu':
-    lo, hi, vis = _pad_pow2(lo, {1}), _pad_pow2(hi, {1}), _pad_pow2(vis.astype(jnp.int32), {1, 2})
-    nkp, nqp = vis.shape[1:]
-    kmap = lambda bi, hi_, j: (bi, hi_, j, 0)
-    qall = lambda bi, hi_, j: (bi, hi_, 0, 0)
-    kblock = pl.BlockSpec((None, None, st.bkb, hp), kmap)
-    return _call(
-        st, functools.partial(_dkv_kernel_gpu, st=st, nq=nq), grid=(b, kh, nk), head_dim=hp,
-        in_specs=[pl.BlockSpec((None, nkp), lambda bi, hi_, j: (bi, 0)),
-                  pl.BlockSpec((None, nkp), lambda bi, hi_, j: (bi, 0)),
-                  pl.BlockSpec((None, nkp, nqp), lambda bi, hi_, j: (bi, 0, 0)),
-                  pl.BlockSpec((None, None, g * tp, hp), qall), kblock, kblock,
-                  pl.BlockSpec((None, None, g * tp, hp), qall),
-                  pl.BlockSpec((None, None, g * tp, 1), qall),
-                  pl.BlockSpec((None, None, g * tp, 1), qall),
-                  pl.BlockSpec((None, tp, 1), lambda bi, hi_, j: (bi, 0, 0)),
-                  pl.BlockSpec((None, 1, st.bkb), lambda bi, hi_, j: (bi, 0, j)),
-                  pl.BlockSpec((None, tp, 1), lambda bi, hi_, j: (bi, 0, 0)),
-                  pl.BlockSpec((None, 1, st.bkb), lambda bi, hi_, j: (bi, 0, j))],
-        out_specs=[kblock, kblock], out_shape=out_shape, name='flash_bwd_dkv')(
-            lo, hi, vis, q, k, v, do, lse, delta, qseg, kseg, qpos, kpos)
+    lo, hi, flags = _gpu_ranges(vis)
+    nkp, nqp = flags.shape[1:]
+    kblock = pl.BlockSpec((None, None, st.bkb, hp), lambda bi, hk, j: (bi, hk, j, 0))
+    qall = lambda width: pl.BlockSpec((None, None, g * tp, width), lambda bi, hk, j: (bi, hk, 0, 0))
+    qcol = pl.BlockSpec((None, tp, 1), lambda bi, hk, j: (bi, 0, 0))
+    krow = pl.BlockSpec((None, 1, st.bkb), lambda bi, hk, j: (bi, 0, j))
+    in_specs = [pl.BlockSpec((None, nkp), lambda bi, hk, j: (bi, 0)),
+                pl.BlockSpec((None, nkp), lambda bi, hk, j: (bi, 0)),
+                pl.BlockSpec((None, nkp, nqp), lambda bi, hk, j: (bi, 0, 0)),
+                qall(hp), kblock, kblock, qall(hp), qall(1), qall(1), qcol, krow, qcol, krow]
+    if bias is not None:
+      in_specs.append(pl.BlockSpec((None, None, bias_rows, st.bkb),
+                                   lambda bi, hk, j: bias_head(bi, hk) + (0, j)))
+    return _call(st, functools.partial(_dkv_kernel_gpu, st=st, nq=nq), grid=(b, kh, nk),
+                 head_dim=hp, in_specs=in_specs, out_specs=[kblock, kblock], out_shape=out_shape,
+                 name='flash_bwd_dkv')(lo, hi, flags, q, k, v, do, lse, delta, *ints, *extra)
 
   pltpu = compat.tpu()
-  # Grid axis 3 runs over c = group * nq + query block, clamped into the visible range.
-  qrow = lambda bi, j, c, lo_, hi_: (c // nq) * nq + _clamp(c % nq, lo_[bi * nk + j],
-                                                            hi_[bi * nk + j])
-  qmap = lambda bi, hi_, j, c, lo_, hq_, vis_: (bi, hi_, qrow(bi, j, c, lo_, hq_), 0)
-  qcol = lambda bi, hi_, j, c, lo_, hq_, vis_: (bi, qrow(bi, j, c, lo_, hq_) % nq, 0)
-  kmap = lambda bi, hi_, j, c, *_: (bi, hi_, j, 0)
-  krow = lambda bi, hi_, j, c, *_: (bi, 0, j)
-  kblock = pl.BlockSpec((None, None, st.bkb, hp), kmap)
+  # Grid axis 3 runs over c = group * nq + query block, the block clamped into the visible range.
+  qblk = lambda bi, j, c, lo_, hi_: _clamp(c % nq, lo_[bi * nk + j], hi_[bi * nk + j])
+  qmap = lambda bi, hk, j, c, lo_, hi_, _: (bi, hk, (c // nq) * nq + qblk(bi, j, c, lo_, hi_), 0)
+  kblock = pl.BlockSpec((None, None, st.bkb, hp), lambda bi, hk, j, c, *_: (bi, hk, j, 0))
+  rowvec = pl.BlockSpec((None, None, st.bqb, 1), qmap)
+  qcol = pl.BlockSpec((None, st.bqb, 1),
+                      lambda bi, hk, j, c, lo_, hi_, _: (bi, qblk(bi, j, c, lo_, hi_), 0))
+  krow = pl.BlockSpec((None, 1, st.bkb), lambda bi, hk, j, c, *_: (bi, 0, j))
+  in_specs = [pl.BlockSpec((None, None, st.bqb, hp), qmap), kblock, kblock,
+              pl.BlockSpec((None, None, st.bqb, hp), qmap), rowvec, rowvec,
+              qcol, krow, qcol, krow]
+  if bias is not None:
+    brow = lambda bi, j, c, lo_, hi_: ((c // nq) * nq if st.bias_heads else 0) + qblk(
+        bi, j, c, lo_, hi_)
+    in_specs.append(pl.BlockSpec(
+        (None, None, st.bqb, st.bkb),
+        lambda bi, hk, j, c, lo_, hi_, _: bias_head(bi, hk) + (brow(bi, j, c, lo_, hi_), j)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(b, kh, nk, g * nq),
-      in_specs=[pl.BlockSpec((None, None, st.bqb, hp), qmap), kblock, kblock,
-                pl.BlockSpec((None, None, st.bqb, hp), qmap),
-                pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                pl.BlockSpec((None, None, st.bqb, 1), qmap),
-                pl.BlockSpec((None, st.bqb, 1), qcol), pl.BlockSpec((None, 1, st.bkb), krow),
-                pl.BlockSpec((None, st.bqb, 1), qcol), pl.BlockSpec((None, 1, st.bkb), krow)],
+      num_scalar_prefetch=3, grid=(b, kh, nk, g * nq), in_specs=in_specs,
       out_specs=[kblock, kblock],
       scratch_shapes=[pltpu.VMEM((st.bkb, hp), _F32), pltpu.VMEM((st.bkb, hp), _F32)])
   return _call(st, functools.partial(_dkv_kernel_tpu, st=st, nq=nq, nk=nk, g=g),
-               grid_spec=grid_spec, out_shape=out_shape, name='flash_bwd_dkv',
-               compiler_params=None if st.interpret else compat.tpu_compiler_params(
-                   dimension_semantics=('parallel', 'parallel', 'parallel', 'arbitrary')))(
-      lo.reshape(-1), hi.reshape(-1), vis.astype(jnp.int32).reshape(-1),
-      q, k, v, do, lse, delta, qseg, kseg, qpos, kpos)
+               grid_spec=grid_spec, out_shape=out_shape, name='flash_bwd_dkv')(
+      *_tpu_ranges(vis), q, k, v, do, lse, delta, *ints, *extra)
 
 
-def _dkv_step(q, k, v, do, lse, delta, allowed, carry, st: _Static):
+def _dkv_step(q, k, v, bias, do, lse, delta, allowed, carry, st: _Static):
   dk, dv = carry
-  dz, p = _grad_logits(q, k, v, do, lse, delta, allowed, st)
+  dz, p = _grad_logits(q, k, v, bias, do, lse, delta, allowed, st)
   return dk + _dot(dz.astype(q.dtype).T, q), dv + _dot(p.astype(do.dtype).T, do)
 
 
-def _dkv_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    qseg_ref, kseg_ref, qpos_ref, kpos_ref, dk_ref, dv_ref, *, st: _Static, nq):
+def _dkv_kernel_gpu(*refs, st: _Static, nq):
+  refs = list(refs)
+  bias_ref = refs.pop(13) if st.has_bias else None
+  (lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+   qpos_ref, kpos_ref, dk_ref, dv_ref) = refs
   j = pl.program_id(2)
   k, v, kseg, kpos = k_ref[...], v_ref[...], kseg_ref[...], kpos_ref[...]
   lo, hi = lo_ref[j], hi_ref[j]
@@ -575,7 +665,8 @@ def _dkv_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_re
       rows = pl.ds(pl.multiple_of(((c // count) * nq + i) * st.bqb, st.bqb), st.bqb)
       cols = pl.ds(pl.multiple_of(i * st.bqb, st.bqb), st.bqb)
       allowed = _allowed(qseg_ref[cols, :], qpos_ref[cols, :], kseg, kpos, st)
-      return _dkv_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows, :],
+      bias = None if bias_ref is None else bias_ref[rows if st.bias_heads else cols, :]
+      return _dkv_step(q_ref[rows, :], k, v, bias, do_ref[rows, :], lse_ref[rows, :],
                        delta_ref[rows, :], allowed, carry, st)
     return lax.cond(vis_ref[j, i] != 0, step, lambda cr: cr, carry)
 
@@ -585,9 +676,11 @@ def _dkv_kernel_gpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_re
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkv_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    qseg_ref, kseg_ref, qpos_ref, kpos_ref, dk_ref, dv_ref, dk_scr, dv_scr, *,
-                    st: _Static, nq, nk, g):
+def _dkv_kernel_tpu(*refs, st: _Static, nq, nk, g):
+  refs = list(refs)
+  bias_ref = refs.pop(13) if st.has_bias else None
+  (lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+   qpos_ref, kpos_ref, dk_ref, dv_ref, dk_scr, dv_scr) = refs
   bi, j, c = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(c == 0)
@@ -598,9 +691,10 @@ def _dkv_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_re
   @pl.when(vis_ref[(bi * nk + j) * nq + c % nq] != 0)
   def _():
     allowed = _allowed(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], st)
+    bias = None if bias_ref is None else bias_ref[...]
     dk_scr[...], dv_scr[...] = _dkv_step(
-        q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], allowed,
-        (dk_scr[...], dv_scr[...]), st)
+        q_ref[...], k_ref[...], v_ref[...], bias, do_ref[...], lse_ref[...], delta_ref[...],
+        allowed, (dk_scr[...], dv_scr[...]), st)
 
   @pl.when(c == g * nq - 1)
   def _():
@@ -610,10 +704,8 @@ def _dkv_kernel_tpu(lo_ref, hi_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_re
 
 def reference_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
                         kv_positions=None, causal=False, window=None, scale=None,
-                        logit_softcap=None) -> jax.Array:
+                        logit_softcap=None, bias=None) -> jax.Array:
   """The dense computation the kernels must equal (`dot_product_attention` with the same mask)."""
-  from jaxformer.attention.core import dot_product_attention
-  from jaxformer.attention.mask import AttentionMask
   b, t = q.shape[:2]
   s = k.shape[1]
   ones = lambda length: jnp.ones((b, length), jnp.int32)
@@ -621,6 +713,4 @@ def reference_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_p
       q_segment_ids=ones(t) if q_segment_ids is None else q_segment_ids,
       kv_segment_ids=ones(s) if kv_segment_ids is None else kv_segment_ids,
       q_positions=q_positions, kv_positions=kv_positions, causal=causal, window=window)
-  return dot_product_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)
-
-
+  return dot_product_attention(q, k, v, mask, bias=bias, scale=scale, logit_softcap=logit_softcap)

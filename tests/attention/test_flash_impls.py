@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ('gpu', jnp.float16, {'causal', 'bias'}, 'cudnn'),
     ('gpu', jnp.float32, {'causal'}, 'pallas'),           # cuDNN flash is half precision only
     ('gpu', jnp.bfloat16, {'causal', 'softcap'}, 'pallas'),  # cuDNN has no soft cap
-    ('gpu', jnp.float32, {'causal', 'bias'}, 'xla'),       # Pallas has no bias input
+    ('gpu', jnp.float32, {'causal', 'bias'}, 'pallas'),
     ('gpu', jnp.bfloat16, {'dropout'}, 'xla'),
     ('tpu', jnp.bfloat16, {'causal', 'window'}, 'pallas'),
     ('tpu', jnp.bfloat16, {'weights'}, 'xla'),
@@ -49,8 +49,8 @@ def test_auto_for_kinds_without_fused_impls_and_bad_impls():
   with pytest.raises(ConfigError, match=r"impl='triton' is invalid.*'auto'"):
     registry.lookup('dot_product', 'triton')
   cfg = AttentionConfig(kind='dot_product', impl='pallas')
-  with pytest.raises(ConfigError, match='bias.*no additive-bias input'):
-    registry.require(cfg, {'causal', 'bias'})
+  with pytest.raises(ConfigError, match='dropout.*no dropout pattern'):
+    registry.require(cfg, {'causal', 'dropout'})
 
 
 def _cudnn_core(**options):

@@ -30,7 +30,8 @@ def _packed(b, length, cuts):
   return jnp.asarray(ids)
 
 
-# (id, schedule, B, T, S, N, K, H, dtype, mask kwargs). T, S not multiples of the block of 16.
+# (id, schedule, B, T, S, N, K, H, dtype, mask kwargs; bias = its leading dims [B|1, N|1]).
+# T and S are never multiples of the block of 16.
 CASES = [
     ('plain-h64', 'gpu', 2, 37, 37, 2, 2, 64, 'float32', {}),
     ('causal-h128-gqa2', 'gpu', 1, 50, 50, 4, 2, 128, 'float32', {'causal': True}),
@@ -52,6 +53,10 @@ CASES = [
     ('bf16-packed-tpu', 'tpu', 1, 53, 53, 4, 1, 128, 'bfloat16',
      {'causal': True, 'segments': (20, 45)}),
     ('fp16-window', 'gpu', 1, 60, 60, 2, 1, 128, 'float16', {'causal': True, 'window': 20}),
+    ('bias-per-head', 'gpu', 2, 40, 40, 4, 2, 64, 'float32', {'causal': True, 'bias': (1, 4)}),
+    ('bias-per-example-softcap-tpu', 'tpu', 2, 33, 47, 4, 2, 64, 'float32',
+     {'bias': (2, 1), 'softcap': 4.0, 'kv_padding': 40}),
+    ('bias-full-bf16', 'gpu', 2, 37, 37, 2, 1, 64, 'bfloat16', {'bias': (2, 2), 'window': 8}),
 ]
 
 
@@ -90,18 +95,23 @@ def test_forward_and_gradients_follow_the_flash_attention_rule(case):
   v = jax.random.normal(ks[2], (b, s, kh, h)).astype(dtype)
   do = jax.random.normal(ks[3], (b, t, n, h)).astype(dtype)
   kw = _masks(b, t, s, spec)
+  args = (q, k, v)
+  if 'bias' in spec:  # an additive bias [B|1, N|1, T, S], differentiated too
+    args += (jax.random.normal(ks[3], spec['bias'] + (t, s)).astype(dtype),)
 
   def vjp(fn, *args):
     out, pull = jax.vjp(fn, *args)
     return (out,) + pull(do.astype(out.dtype))
 
-  kernel = jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, block_sizes=BLOCKS,
-                                                      schedule=schedule, **kw))
-  reference = jax.jit(lambda q, k, v: fa.reference_attention(q, k, v, **kw))
-  got = vjp(kernel, q, k, v)
-  ref32 = vjp(reference, *(x.astype(jnp.float32) for x in (q, k, v)))
-  ref_low = vjp(reference, q, k, v)
-  for name, g, r32, rlo in zip(('out', 'dq', 'dk', 'dv'), got, ref32, ref_low):
+  kernel = jax.jit(lambda q, k, v, *bias: fa.flash_attention(
+      q, k, v, bias=bias[0] if bias else None, block_sizes=BLOCKS, schedule=schedule, **kw))
+  reference = jax.jit(lambda q, k, v, *bias: fa.reference_attention(
+      q, k, v, bias=bias[0] if bias else None, **kw))
+  got = vjp(kernel, *args)
+  ref32 = vjp(reference, *(x.astype(jnp.float32) for x in args))
+  ref_low = vjp(reference, *args)
+  assert len(got) == len(args) + 1
+  for name, g, r32, rlo in zip(('out', 'dq', 'dk', 'dv', 'dbias'), got, ref32, ref_low):
     assert g.dtype == dtype and g.shape == r32.shape, name
     assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), name
     bound = 2 * _max_err(rlo, r32) + 1e-5
