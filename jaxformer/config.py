@@ -331,6 +331,18 @@ class ModelConfig:
       fail('model.memory_length', self.memory_length, 'must be >= 0 (0: no memory)')
     if self.segment_length is not None and self.segment_length <= 0:
       fail('model.segment_length', self.segment_length, 'must be a positive integer or None')
+    if self.family in ('transformer_xl', 'rnn_seq2seq'):
+      # These families compute their own attention (relative terms (a)-(d); Bahdanau / Luong),
+      # so a registry kind or impl would be silently ignored.
+      a = self.attention
+      if a.kind != 'dot_product':
+        fail('model.attention.kind', a.kind,
+             f"must be 'dot_product' for model.family={self.family!r}, which computes its own "
+             'attention')
+      if a.impl not in ('xla', 'auto'):
+        fail('model.attention.impl', a.impl,
+             f"must be 'xla' (or 'auto') for model.family={self.family!r}, which computes its "
+             'own attention')
     if self.family == 'transformer_xl' and p.kind != 'none':
       fail('model.position.kind', p.kind, "must be 'none' for model.family='transformer_xl' "
            '(it has its own relative positions)')

@@ -22,6 +22,7 @@ from jaxformer.attention import registry
 from jaxformer.attention.core import dot_product_attention
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
+from jaxformer.models import build_model, family
 from jaxformer.train.metrics import read_metrics
 from jaxformer.train.trainer import train_and_evaluate
 
@@ -134,3 +135,50 @@ def test_pallas_options_are_validated():
                             options={'block_q': 48})
   with pytest.raises(ValueError, match=r'options.block_q=48 is invalid: it must be a power'):
     registry.build(bad, num_heads=2, num_kv_heads=1, head_dim=16, rngs=nnx.Rngs(0))
+
+
+def _family_logits(name, impl):
+  """Logits of a tiny `name` model (same seed for every impl) on a padded batch."""
+  t = 12
+  common = dict(vocab_size=61, d_model=32, num_layers=2, max_length=16,
+                attention=dict(impl=impl, num_heads=4, num_kv_heads=2,
+                               options=dict(PALLAS_TILES) if impl == 'pallas' else {}))
+  if name == 'mistral':
+    common['attention']['window'] = 5  # shorter than the sequence, so the band is exercised
+  toks = jax.random.randint(jax.random.key(1), (2, t), 4, 61)
+  seg = jnp.array([[1] * t, [1] * 7 + [0] * (t - 7)])
+  if name == 'vit':
+    model = build_model(family(name, image_size=16, patch_size=4, num_labels=5, **common), seed=4)
+    return model(jax.random.normal(jax.random.key(0), (2, 16, 16, 3))).logits
+  if name == 'perceiver':
+    common['attention'].pop('num_kv_heads')
+    cfg = family(name, num_labels=3, perceiver=dict(num_latents=8, fourier_bands=4),
+                 position=dict(kind='learned', max_length=16), **common)
+    return build_model(cfg, seed=4)(toks, segment_ids=seg).logits
+  model = build_model(family(name, **common), seed=4)
+  if name in ('bert', 'roberta'):
+    return model(toks, segment_ids=seg).logits
+  if name in ('t5', 't5_v1_1', 'bart', 'transformer'):
+    return model(toks, toks[:, :9], encoder_segment_ids=seg).logits
+  return model(toks).logits  # decoders
+
+
+PALLAS_TILES = {'block_q': 16, 'block_k': 16, 'block_q_bwd': 16, 'block_k_bwd': 16}
+EXACT_FAMILIES = ['gpt2', 'llama', 'mistral', 'mixtral', 'bert', 'roberta', 't5', 't5_v1_1',
+                  'bart', 'transformer', 'vit', 'perceiver']
+
+
+@pytest.mark.parametrize('name', EXACT_FAMILIES)
+def test_every_exact_attention_family_runs_on_pallas(name):
+  # T5's relative bias goes through the kernel's bias input; BART / T5 / the Transformer use
+  # it for cross-attention too.
+  want = _family_logits(name, 'xla')
+  got = _family_logits(name, 'pallas')
+  assert bool(jnp.all(jnp.isfinite(got)))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['transformer_xl', 'rnn'])
+def test_families_with_their_own_attention_refuse_fused_impls(name):
+  with pytest.raises(ConfigError, match="model.attention.impl='pallas' is invalid.*own attention"):
+    family(name, attention=dict(impl='pallas'))
