@@ -49,6 +49,7 @@ CASES = [
     ('decode-positions-tpu', 'tpu', 1, 1, 48, 2, 1, 128, 'float32', {'decode': 30}),
     ('softcap', 'gpu', 1, 40, 40, 2, 2, 64, 'float32', {'causal': True, 'softcap': 3.0}),
     ('head-dim-40', 'gpu', 1, 33, 33, 2, 1, 40, 'float32', {'causal': True}),
+    ('head-dim-256-tpu', 'tpu', 1, 24, 24, 2, 1, 256, 'bfloat16', {'causal': True}),
     ('bf16-causal', 'gpu', 2, 50, 50, 4, 2, 64, 'bfloat16', {'causal': True}),
     ('bf16-packed-tpu', 'tpu', 1, 53, 53, 4, 1, 128, 'bfloat16',
      {'causal': True, 'segments': (20, 45)}),
