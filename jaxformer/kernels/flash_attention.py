@@ -138,7 +138,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            or bias.shape[1] not in (1, n) or bias.shape[2:] != (t, s)):
     raise ValueError(f'bias must have shape [B|1, N|1, T, S] = [{b}|1, {n}|1, {t}, {s}], '
                      f'got {bias.shape}')
-  platform = jax.default_backend()
+  platform = _platform()
   schedule = schedule or ('tpu' if platform == 'tpu' else 'gpu')
   if schedule not in SCHEDULES:
     raise ValueError(f'schedule={schedule!r} is invalid: allowed values are {list(SCHEDULES)}')
@@ -175,6 +175,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)))
   out = _flash(st, heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), bias, side)
   return out.transpose(0, 2, 1, 3)[:, :t, :, :h]
+
+
+def _platform() -> str:
+  return jax.default_backend()
 
 
 def _round_up(x: int, m: int) -> int:
@@ -528,7 +532,13 @@ def _dq_kernel_gpu(*refs, st: _Static):
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   qseg, qpos = qseg_ref[...], qpos_ref[...]
   if dbias_ref is not None:
-    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
+    # Zero d bias tile by tile (Triton wants power-of-two shapes; the row of S is not one);
+    # the visible tiles are overwritten below.
+    def zero(j, carry):
+      dbias_ref[:, pl.ds(pl.multiple_of(j * st.bkb, st.bkb), st.bkb)] = jnp.zeros(
+          (dbias_ref.shape[0], st.bkb), dbias_ref.dtype)
+      return carry
+    lax.fori_loop(0, dbias_ref.shape[1] // st.bkb, zero, 0)
 
   def body(j, dq):
     def step(dq):

@@ -190,3 +190,34 @@ def test_compat_finds_the_compiler_params_of_this_jax():
   assert compat.gpu_compiler_params(num_warps=4, num_stages=2) is not None
   with pytest.raises(ImportError, match='Pallas kernels support JAX'):
     compat._first(os, ('NoSuchName',), 'a test')
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_kernels_lower_for_gpu_and_tpu(platform, monkeypatch):
+  """Pallas -> Triton (GPU schedule) and Pallas -> Mosaic (TPU schedule) lowering of the forward
+  and both backward kernels, on CPU, with the default tiles: catches block shapes, layouts and
+  operations the real backends reject. Compiling the lowered kernels needs the device."""
+  from jax._src.pallas.mosaic import tpu_info  # private: Mosaic lowering asks for the chip
+  monkeypatch.setattr(tpu_info, 'get_device_kind', lambda: 'TPU v5 lite')
+  monkeypatch.setattr(tpu_info, 'get_num_device_cores', lambda: 1)
+  monkeypatch.setattr(fa, '_platform', lambda: {'cuda': 'gpu', 'tpu': 'tpu'}[platform])
+  target = '__gpu$xla.gpu.triton' if platform == 'cuda' else 'tpu_custom_call'
+  b, t, n, kh = 2, 300, 8, 2  # 300: not a multiple of any tile
+  for h, dtype, causal, window, bias_dims in [(128, jnp.bfloat16, True, 100, None),
+                                              (64, jnp.float16, False, None, (1, n))]:
+    def grads(q, k, v, seg, *bias):
+      def loss(q, k, v, *bias):
+        out = fa.flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal,
+                                 window=window, bias=bias[0] if bias else None, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+      return jax.grad(loss, argnums=tuple(range(3 + len(bias))))(q, k, v, *bias)
+
+    shapes = [jax.ShapeDtypeStruct((b, t, n, h), dtype)] + [
+        jax.ShapeDtypeStruct((b, t, kh, h), dtype)] * 2 + [jax.ShapeDtypeStruct((b, t), jnp.int32)]
+    if bias_dims:
+      shapes.append(jax.ShapeDtypeStruct(bias_dims + (t, t), dtype))
+    exported = jax.export.export(
+        jax.jit(grads), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*shapes)
+    # forward, dQ and dK/dV kernels
+    assert exported.mlir_module().count(f'custom_call @{target}') == 3
