@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
 
 import jax
@@ -216,12 +215,10 @@ def main(argv=None) -> None:
       secs = f"{1e3 * row['seconds']:.2f} ms" if row['seconds'] != '' else ''
       print(f'{kind}/{impl} n={n}: {row["status"]} {secs}', flush=True)
   add_ratios(rows)
-  benchlib.write_csv(rows, FIELDS, args.out)
-  png = os.path.splitext(args.out)[0] + '.png'
-  plot(rows, png, f'attention fwd+bwd, B={args.batch}, {args.heads} heads x {args.head_dim}, '
-                  f'{"causal" if args.causal else "bidirectional"}, {backend} ({device_kind})')
-  print(markdown_table(rows))
-  print('wrote', args.out, 'and', png)
+  benchlib.write_outputs(rows, FIELDS, args.out, plot,
+                         f'attention fwd+bwd, B={args.batch}, {args.heads} heads x '
+                         f'{args.head_dim}, {"causal" if args.causal else "bidirectional"}, '
+                         f'{backend} ({device_kind})', markdown_table(rows))
 
 
 if __name__ == '__main__':

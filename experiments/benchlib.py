@@ -32,3 +32,13 @@ def write_csv(rows: list[dict], fields: tuple[str, ...], path: str) -> None:
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
+
+
+def write_outputs(rows: list[dict], fields: tuple[str, ...], path: str, plot, title: str,
+                  table: str) -> None:
+  """The CSV at `path`, `plot(rows, png, title)` next to it (.png), and the markdown table."""
+  write_csv(rows, fields, path)
+  png = os.path.splitext(path)[0] + '.png'
+  plot(rows, png, title)
+  print(table)
+  print('wrote', path, 'and', png)

@@ -29,7 +29,6 @@ in interpret mode, which checks that the script works, not how fast anything is.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
@@ -194,12 +193,9 @@ def main(argv=None) -> list[dict]:
             print(f"{impl} {pass_} causal={causal} d={d} L={n}: {row['status']} {rate}",
                   flush=True)
   add_ratios(rows)
-  benchlib.write_csv(rows, FIELDS, args.out)
-  png = os.path.splitext(args.out)[0] + '.png'
-  plot(rows, png, f'attention TFLOP/s, {args.dtype}, {args.tokens} tokens per batch, width '
-                  f'{args.width}, {backend} ({device_kind})')
-  print(markdown_table(rows))
-  print('wrote', args.out, 'and', png)
+  benchlib.write_outputs(rows, FIELDS, args.out, plot,
+                         f'attention TFLOP/s, {args.dtype}, {args.tokens} tokens per batch, '
+                         f'width {args.width}, {backend} ({device_kind})', markdown_table(rows))
   return rows
 
 
