@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention
+from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention, query_groups
 from jaxformer.attention.mask import AttentionMask
 
 # pattern(q_pos [.., 1, Tq, 1], kv_pos [.., 1, 1, Sk]) -> bool [.., N|1, Tq, Sk]
@@ -260,9 +260,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   mask = AttentionMask() if mask is None else mask
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
-  if n % kh:
-    raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
-  g = n // kh
+  g = query_groups(n, kh)
   scale = h ** -0.5 if scale is None else scale
   qpos, kpos = mask.positions(t, s)
   dense = dict(scale=scale, logit_softcap=logit_softcap, dropout_rate=dropout_rate)

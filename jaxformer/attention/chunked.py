@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
-from jaxformer.attention.core import MASKED_LOGIT
+from jaxformer.attention.core import MASKED_LOGIT, query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig
 
@@ -59,9 +59,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
-  if n % kh:
-    raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
-  g = n // kh
+  g = query_groups(n, kh)
   scale = h ** -0.5 if scale is None else scale
   mask = AttentionMask() if mask is None else mask
   cq, ck = min(query_chunk, t), min(key_chunk, s)

@@ -30,6 +30,14 @@ from jaxformer.config import AttentionConfig
 MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def query_groups(num_heads: int, num_kv_heads: int) -> int:
+  """G = N / K, the query heads per kv head; fails naming both counts unless K divides N."""
+  if num_heads % num_kv_heads:
+    raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} key/value '
+                     'heads')
+  return num_heads // num_kv_heads
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: AttentionMask | None = None, *, bias: jax.Array | None = None,
                           scale: float | None = None, logit_softcap: float | None = None,
@@ -51,9 +59,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
-  if n % kh:
-    raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
-  g = n // kh
+  g = query_groups(n, kh)
   scale = h ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kh, g, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32)

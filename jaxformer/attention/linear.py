@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
+from jaxformer.attention.core import query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig
 
@@ -210,8 +211,7 @@ class LinearAttention(nnx.Module):
     del dtype, param_dtype, rngs, unused  # no parameters
     if int(opts['chunk_size']) < 1:
       raise ValueError(f'model.attention.options.chunk_size must be >= 1, got {opts["chunk_size"]}')
-    if num_heads % num_kv_heads:
-      raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
+    query_groups(num_heads, num_kv_heads)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.chunk_size = int(opts['chunk_size'])
 

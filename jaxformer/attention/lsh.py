@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
-from jaxformer.attention.core import MASKED_LOGIT
+from jaxformer.attention.core import MASKED_LOGIT, query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, fail
 
@@ -100,8 +100,7 @@ def lsh_attention(q: jax.Array, v: jax.Array, mask: AttentionMask | None, *, n_b
   kh = v.shape[2]
   if v.shape[1] != t:
     raise ValueError(f'LSH attention is self-attention: {t} queries but {v.shape[1]} keys')
-  if n % kh:
-    raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
+  query_groups(n, kh)
   mask = AttentionMask() if mask is None else mask
   if mask.extra is not None or mask.window is not None:
     raise ValueError('LSH attention takes segment ids, positions and causality only '

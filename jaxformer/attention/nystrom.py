@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
-from jaxformer.attention.core import MASKED_LOGIT
+from jaxformer.attention.core import MASKED_LOGIT, query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
 from jaxformer.layers import base
@@ -135,9 +135,7 @@ class NystromAttention(nnx.Module):
     s, kh = k.shape[1], k.shape[2]
     if t != s:
       raise ValueError(f'nystrom attention is self-attention: {t} queries but {s} keys')
-    if n % kh:
-      raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
-    g, m = n // kh, min(self.num_landmarks, t)
+    g, m = query_groups(n, kh), min(self.num_landmarks, t)
     q_valid = (mask.q_segment_ids != 0 if mask.q_segment_ids is not None
                else jnp.ones((b, t), bool))
     k_valid = (mask.kv_segment_ids != 0 if mask.kv_segment_ids is not None

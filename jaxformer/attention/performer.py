@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
+from jaxformer.attention.core import query_groups
 from jaxformer.attention.linear import NEG, UNSUPPORTED, kernel_attention
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
@@ -90,8 +91,7 @@ class PerformerAttention(nnx.Module):
     for name in ('num_features', 'chunk_size'):
       if int(opts[name]) < 1:
         raise ConfigError(f'model.attention.options.{name} must be >= 1, got {opts[name]}')
-    if num_heads % num_kv_heads:
-      raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
+    query_groups(num_heads, num_kv_heads)
     if rngs is None:
       raise ValueError('the performer core draws its random features from rngs; pass nnx.Rngs')
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

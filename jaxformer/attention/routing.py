@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import registry
-from jaxformer.attention.core import dot_product_attention
+from jaxformer.attention.core import dot_product_attention, query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
 
@@ -167,8 +167,7 @@ class RoutingAttention(nnx.Module):
                        'a bias, window or extra mask is refused')
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if n % kv_heads:
-      raise ValueError(f'{n} query heads are not a multiple of {kv_heads} key/value heads')
+    query_groups(n, kv_heads)
     if not deterministic and self.dropout_rate > 0.0 and dropout_rng is None:
       raise ValueError('attention dropout is active (deterministic=False, '
                        f'model.attention.dropout={self.dropout_rate}) but no dropout_rng was given')

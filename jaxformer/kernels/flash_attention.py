@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention
+from jaxformer.attention.core import MASKED_LOGIT, dot_product_attention, query_groups
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.kernels import compat
 from jaxformer.kernels.compat import pl
@@ -128,8 +128,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if k.shape != (b, s, kh, h) or v.shape != k.shape:
     raise ValueError(f'flash_attention needs k, v of shape [B, S, K, {h}] matching q {q.shape}; '
                      f'got k {k.shape}, v {v.shape}')
-  if n % kh:
-    raise ValueError(f'{n} query heads are not a multiple of {kh} key/value heads')
+  query_groups(n, kh)
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
   if window is not None and window < 1:
