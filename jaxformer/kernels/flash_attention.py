@@ -308,8 +308,9 @@ def _flash_fwd(st, q, k, v, bias, side):
 def _flash_bwd(st, res, do):
   q, k, v, bias, side, out, lse = res
   delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-  dq, dbias = _backward_dq(st, q, k, v, bias, side, do, lse, delta)
-  dk, dv = _backward_dkv(st, q, k, v, bias, side, do, lse, delta)
+  vis = _visible(side, st.bqb, st.bkb, st)  # one map of visible block pairs for both kernels
+  dq, dbias = _backward_dq(st, q, k, v, bias, side, vis, do, lse, delta)
+  dk, dv = _backward_dkv(st, q, k, v, bias, side, vis, do, lse, delta)
   if bias is not None:
     axes = tuple(a for a, varies in ((0, st.bias_batch), (1, st.bias_heads)) if not varies)
     dbias = jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype)
@@ -456,12 +457,11 @@ def _fwd_kernel_tpu(*refs, st: _Static, nq, nk):
 
 # ----------------------------------------------------------------------------- backward: dQ
 
-def _backward_dq(st: _Static, q, k, v, bias, side, do, lse, delta):
+def _backward_dq(st: _Static, q, k, v, bias, side, vis, do, lse, delta):
   """dQ [B, N, T, H] and, with a bias, dZ [B, N, T, S] (fp32; zero where nothing is visible)."""
   b, n, tp, hp = q.shape
   sp = k.shape[2]
   nq, nk, g = tp // st.bqb, sp // st.bkb, st.groups
-  vis = _visible(side, st.bqb, st.bkb, st)
   ints = _int_views(side)
   extra = [] if bias is None else [bias]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -591,13 +591,13 @@ def _dq_kernel_tpu(*refs, st: _Static, nq, nk):
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
-def _backward_dkv(st: _Static, q, k, v, bias, side, do, lse, delta):
+def _backward_dkv(st: _Static, q, k, v, bias, side, vis, do, lse, delta):
   """A key block of kv head h accumulates over the query blocks of heads h*G ... h*G + G-1,
   read from q viewed as [B, K, G*T, H] (row c*T + t is query t of head h*G + c)."""
   b, n, tp, hp = q.shape
   kh, sp = k.shape[1], k.shape[2]
   nq, nk, g = tp // st.bqb, sp // st.bkb, st.groups
-  vis = jnp.swapaxes(_visible(side, st.bqb, st.bkb, st), 1, 2)  # [B, nk, nq]
+  vis = jnp.swapaxes(vis, 1, 2)  # [B, nk, nq]: the query-block range of each key block
   ints = _int_views(side)
   grouped = lambda x: x.reshape(x.shape[0], x.shape[1] // g, g * tp, x.shape[-1])
   q, do, lse, delta = grouped(q), grouped(do), grouped(lse), grouped(delta)
