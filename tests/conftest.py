@@ -15,6 +15,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import jaxformer  # noqa: E402,F401  (its XLA flag guard must run before JAX starts a backend)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
