@@ -53,5 +53,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                eval_every=max(2, s['steps'] // 10), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 10), test_batches=16,
                sample_prompt='def ', sample_tokens=0 if size == 'tiny' else 200)
-  parallel = dict(mesh={'data': 1, 'fsdp': -1, 'tensor': 1}) if big else {}
+  parallel = dict(preset='fsdp', mesh={'fsdp': -1}) if big else {}
   return default_config(model=model, data=data, optim=optim, train=train, parallel=parallel)

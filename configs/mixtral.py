@@ -55,8 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                eval_every=max(2, s['steps'] // 10), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 10), test_batches=16,
                sample_prompt='def ', sample_tokens=0 if size == 'tiny' else 200)
-  # FSDP over the model dimension, not the expert axis: 8 experts would cap the mesh at 8.
-  parallel = dict(mesh={'data': 1, 'fsdp': -1, 'tensor': 1}, rules={
-      'batch': ('data', 'fsdp'), 'embed': 'fsdp', 'vocab': 'tensor', 'mlp': 'tensor',
-      'heads': 'tensor', 'kv_heads': 'tensor', 'expert': None}) if big else {}
+  # FSDP over the model dimension of every weight (experts included): ZeRO-3 over the host.
+  parallel = dict(preset='fsdp', mesh={'fsdp': -1}) if big else {}
   return default_config(model=model, data=data, optim=optim, train=train, parallel=parallel)

@@ -33,6 +33,8 @@ from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers import base
 from jaxformer.layers import positions as pos_lib
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
 
 class _HeadRMSNorm(nnx.Module):
@@ -143,8 +145,8 @@ class Attention(nnx.Module):
     v = self._proj(src, self.wv, self.bv)
     if self.k_norm is not None:
       k = self.k_norm(k)
-    return (base.constrain(k, ('batch', 'length', 'kv_heads', 'head_dim')),
-            base.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim')))
+    return (constrain(k, R.KEYS),
+            constrain(v, R.KEYS))
 
   # ---------------------------------------------------------------- caches
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
@@ -231,7 +233,7 @@ class Attention(nnx.Module):
         kpos = mask.kv_positions
       mask = mask.replace(causal=mask.causal or self.causal,
                           window=self.window if self.window is not None else mask.window)
-    q = base.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    q = constrain(q, R.QUERIES)
 
     if callable(bias):
       bias = bias(qpos, kpos)
@@ -252,7 +254,7 @@ class Attention(nnx.Module):
     y = jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(self.dtype))
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)
-    return base.constrain(y, ('batch', 'length', 'embed'))
+    return constrain(y, R.RESIDUAL)
 
   def _stateful_step(self, q, k, v, mask: AttentionMask, qpos, cache):
     """Decoding with a core that keeps its own state (see the registry's protocol)."""
@@ -273,7 +275,7 @@ class Attention(nnx.Module):
     mask = mask.replace(causal=mask.causal or self.causal)
     xs = x[:, :, None, :]
     out = self.core(xs, xs, xs, mask, deterministic=deterministic)
-    return base.constrain(out[:, :, 0, :], ('batch', 'length', 'embed')), None
+    return constrain(out[:, :, 0, :], R.RESIDUAL), None
 
   def _write(self, cache, k, v, mask: AttentionMask, qpos):
     """Writes T new entries at cache['index']; returns (cache, k_all, v_all, mask over slots)."""

@@ -1,14 +1,12 @@
 """Shared building blocks for parameters and activations.
 
 Every parameter carries logical axis names (CATALOG J): 'embed', 'vocab', 'heads', 'kv_heads',
-'head_dim', 'mlp', 'layers', 'expert', 'norm', 'position'. Layers never name mesh axes; the mapping
-from logical names to mesh axes is installed by the caller with `logical_rules(...)` and only
-then do the activation constraints in `constrain` do anything.
+'head_dim', 'mlp', 'layers', 'expert', 'norm', 'position'. Layers never name mesh axes: the rules
+that map logical names onto a mesh, and the activation constraints, live in `jaxformer.parallel`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -17,8 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 Initializer = nnx.initializers.Initializer
-
-_RULES: list[tuple[tuple[str, str | tuple[str, ...] | None], ...]] = []
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
@@ -54,48 +50,6 @@ def residual_init(kind: str, std: float, num_layers: int, scaled: bool, **axes) 
 
 zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
-
-
-@contextlib.contextmanager
-def logical_rules(rules):
-  """Installs logical-axis -> mesh-axis rules for `constrain` (and `nnx.logical_axis_rules`)."""
-  rules = tuple((k, v) for k, v in rules)
-  _RULES.append(rules)
-  try:
-    with nnx.logical_axis_rules(rules):
-      yield rules
-  finally:
-    _RULES.pop()
-
-
-def current_rules():
-  return _RULES[-1] if _RULES else None
-
-
-def logical_to_spec(names: Sequence[str | None], rules=None) -> jax.sharding.PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; unknown names are replicated."""
-  rules = dict(rules if rules is not None else (current_rules() or ()))
-  used, spec = set(), []
-  for n in names:
-    axis = rules.get(n) if n is not None else None
-    flat = axis if isinstance(axis, tuple) else (axis,)
-    if axis is None or any(a in used for a in flat):
-      spec.append(None)
-    else:
-      used.update(flat)
-      spec.append(axis)
-  return jax.sharding.PartitionSpec(*spec)
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Logical sharding constraint on an activation; a no-op unless rules and a mesh are set."""
-  rules = current_rules()
-  if rules is None:
-    return x
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
 def cast(x, dtype):

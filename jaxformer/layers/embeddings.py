@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.layers.base import check_token_ids, constrain, make_init, param, zeros
+from jaxformer.layers.base import check_token_ids, make_init, param, zeros
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain, embedding_lookup
 
 
 class Embed(nnx.Module):
@@ -46,18 +48,18 @@ class Embed(nnx.Module):
     table = self.embedding[...]
     dtype = self.dtype or table.dtype
     # Abstract (jitted) ids cannot raise: out-of-range ones (negative included) give NaN rows,
-    # loud downstream, never a silently clipped or wrapped lookup.
-    ids = jnp.where(ids < 0, self.vocab, ids)
-    x = jnp.take(table, ids, axis=0, mode='fill', fill_value=jnp.nan).astype(dtype)
+    # loud downstream, never a silently clipped or wrapped lookup. Vocab-parallel when the
+    # active layout splits the vocabulary (jaxformer.parallel.sharding.embedding_lookup).
+    x = embedding_lookup(table, ids).astype(dtype)
     if self.scale != 1.0:
       x = x * jnp.asarray(self.scale, dtype)
-    return constrain(x, ('batch', 'length', 'embed'))
+    return constrain(x, R.RESIDUAL)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: x [..., D] -> logits x E^T [..., V] in the compute dtype."""
     dtype = self.dtype or x.dtype
     logits = jnp.einsum('...D,VD->...V', x.astype(dtype), self.embedding[...].astype(dtype))
-    return constrain(logits, ('batch', 'length', 'vocab'))
+    return constrain(logits, R.LOGITS)
 
 
 TokenTypeEmbed = Embed
@@ -79,7 +81,7 @@ class Head(nnx.Module):
     logits = jnp.einsum('...D,DV->...V', x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       logits = logits + self.bias[...].astype(dtype)
-    return constrain(logits, ('batch', 'length', 'vocab'))
+    return constrain(logits, R.LOGITS)
 
 
 def make_embed(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Embed:

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice
-from jaxformer.layers.base import constrain, make_init, param, residual_init, zeros
+from jaxformer.layers.base import make_init, param, residual_init, zeros
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': jax.nn.relu,
@@ -122,7 +124,7 @@ class FeedForward(nnx.Module):
       h = h * _dense(x, self._w('wi_up'), self._w('bi_up'))
     else:
       h = act(_dense(x, self._w('wi'), self._w('bi')))
-    h = constrain(h, ('batch', 'length', 'mlp'))
+    h = constrain(h, R.FFN_HIDDEN)
     h = self.dropout(h, deterministic=deterministic, rngs=key)
     return _dense(h, self._w('wo'), self._w('bo'))
 

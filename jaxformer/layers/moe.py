@@ -50,7 +50,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice, fail
-from jaxformer.layers.base import constrain, make_init, param, residual_init, zeros
+from jaxformer.layers.base import make_init, param, residual_init, zeros
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 from jaxformer.layers.ffn import activation, ffn_weight_specs
 
 AUX_KEYS = ('load_balance_loss', 'router_z_loss')
@@ -134,7 +136,7 @@ class MoE(nnx.Module):
     dense = combine is not None
     spec_in, spec_out = (('BTD,EDF->BTEF', 'BTEF,EFD->BTD') if dense else
                          ('EBCD,EDF->EBCF', 'EBCF,EFD->EBCD'))
-    names = ('batch', 'length', 'expert', 'mlp') if dense else ('expert', 'batch', None, 'mlp')
+    names = R.DENSE_EXPERT_HIDDEN if dense else R.EXPERT_HIDDEN
 
     def proj(w, b):
       y = jnp.einsum(spec_in, x, self._w(w))
@@ -167,7 +169,7 @@ class MoE(nnx.Module):
       x32 = x32 * jax.random.uniform(self.jitter_rngs(), x32.shape, jnp.float32,
                                      1.0 - self.jitter, 1.0 + self.jitter)
     logits = jnp.einsum('BTD,DE->BTE', x32, self.router[...].astype(jnp.float32))
-    return constrain(logits, ('batch', 'length', None))
+    return constrain(logits, R.ROUTER_LOGITS)
 
   def capacity(self, num_tokens: int) -> int:
     """Switch capacity per expert per group: ceil(capacity_factor * T / E), at most T."""
@@ -223,9 +225,9 @@ class MoE(nnx.Module):
     dispatch = kept[..., None] * jax.nn.one_hot(slot.astype(jnp.int32), cap)  # [B, T, E, C]
     combine = dispatch * gate[:, :, None, None]
     expert_in = jnp.einsum('BTEC,BTD->EBCD', dispatch.astype(x.dtype), x)
-    expert_in = constrain(expert_in, ('expert', 'batch', None, 'embed'))
+    expert_in = constrain(expert_in, R.EXPERT_TOKENS)
     expert_out = self._experts(expert_in, deterministic=deterministic)
-    expert_out = constrain(expert_out, ('expert', 'batch', None, 'embed'))
+    expert_out = constrain(expert_out, R.EXPERT_TOKENS)
     y = jnp.einsum('BTEC,EBCD->BTD', combine.astype(x.dtype), expert_out)
     return y, chosen
 
@@ -240,7 +242,7 @@ class MoE(nnx.Module):
     combine = jax.nn.softmax(logits.reshape(b, t, e * s), axis=-1).reshape(b, t, e, s)
     combine = combine * valid[:, :, None, None]
     slots = jnp.einsum('BTES,BTD->EBSD', dispatch.astype(x.dtype), x)
-    slots = constrain(slots, ('expert', 'batch', None, 'embed'))
+    slots = constrain(slots, R.EXPERT_TOKENS)
     out = self._experts(slots, deterministic=deterministic)
-    out = constrain(out, ('expert', 'batch', None, 'embed'))
+    out = constrain(out, R.EXPERT_TOKENS)
     return jnp.einsum('BTES,EBSD->BTD', combine.astype(x.dtype), out).astype(self.dtype)

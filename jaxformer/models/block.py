@@ -18,13 +18,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.attention import Attention, AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers.base import constrain
 from jaxformer.layers.dropout import DropPath
 from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.moe import MoE
 from jaxformer.layers.norms import make_norm
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
-ACT = ('batch', 'length', 'embed')
+ACT = R.RESIDUAL
 
 
 class SubLayer(nnx.Module):

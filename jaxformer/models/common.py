@@ -17,9 +17,11 @@ from flax import nnx, struct
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers import positions as pos_lib
-from jaxformer.layers.base import check_token_ids, constrain, normal_init, param, zeros
+from jaxformer.layers.base import check_token_ids, normal_init, param, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
 
 @struct.dataclass
@@ -93,7 +95,7 @@ class TokenEmbedder(nnx.Module):
     if self.norm is not None:
       x = self.norm(x)
     x = self.dropout(x, deterministic=deterministic)
-    return constrain(x, ('batch', 'length', 'embed'))
+    return constrain(x, R.RESIDUAL)
 
 
 class LMHead(nnx.Module):
@@ -118,4 +120,4 @@ class LMHead(nnx.Module):
     if cfg.final_logit_softcap:
       c = cfg.final_logit_softcap
       logits = c * jnp.tanh(logits / c)
-    return constrain(logits, ('batch', 'length', 'vocab'))
+    return constrain(logits, R.LOGITS)

@@ -47,7 +47,7 @@ class _DecoderStep(nnx.Module):
     else:
       self.attn = LuongAttention(r.attention.split('_', 1)[1], dh, enc_dim, rngs=rngs)
       self.cell = _cell(r.cell, d, dh, rngs, cfg.params_dtype)
-      self.combine_w = param(rngs, init, (enc_dim + dh, dh), ('mlp', 'mlp'), cfg.params_dtype)
+      self.combine_w = param(rngs, init, (enc_dim + dh, dh), (None, 'mlp'), cfg.params_dtype)
       self.out_w = param(rngs, init, (dh, d), ('mlp', 'embed'), cfg.params_dtype)
     self.out_b = param(rngs, zeros, (d,), ('embed',), cfg.params_dtype)
 
@@ -80,7 +80,7 @@ class RNNSeq2Seq(nnx.Module):
       self.encoder = fwd
       enc_dim = r.hidden_dim
     self.bridge_w = param(rngs, make_init(cfg.init, cfg.init_std), (enc_dim, enc_dim),
-                          ('mlp', 'mlp'), cfg.params_dtype)
+                          (None, 'mlp'), cfg.params_dtype)
     self.step = _DecoderStep(cfg, enc_dim, rngs=rngs)
 
   def encode(self, tokens, *, segment_ids=None):

@@ -56,6 +56,8 @@ from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.norms import make_norm
 from jaxformer.models.block import SubLayer
 from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
 
 
@@ -130,7 +132,7 @@ class RelativeAttention(nnx.Module):
     v = jnp.repeat(jnp.einsum('BSD,DKH->BSKH', kv.astype(dt), self.wv[...].astype(dt)), g, 2)
     out = jnp.einsum('BNTS,BSNH->BTNH', probs.astype(dt), v)
     y = jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(dt))
-    return base.constrain(y, ('batch', 'length', 'embed'))
+    return constrain(y, R.RESIDUAL)
 
 
 class XLBlock(nnx.Module):

@@ -6,7 +6,7 @@ A config file (`configs/*.py`) returns an `ml_collections.ConfigDict` with the s
   data      jaxformer.data.config.DataConfig fields
   optim     jaxformer.train.optimizer.OptimConfig fields
   train     TrainConfig fields below
-  parallel  ParallelConfig fields below
+  parallel  jaxformer.parallel.config.ParallelConfig fields (mesh, preset, rules)
 
 `Experiment.from_config` turns it into frozen dataclasses; every error names the dotted field
 and the allowed values, and cross-section checks (task vs family, sequence length vs the model's
@@ -20,11 +20,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
+from jaxformer.parallel.config import ParallelConfig, default_section as parallel_section
 from jaxformer.train import tasks
 from jaxformer.train.optimizer import OptimConfig
 
@@ -35,7 +35,9 @@ NONFINITE = ('stop', 'skip')
 class TrainConfig:
   """Loop settings. Steps count optimizer updates; one step consumes `batch_size` examples
   (split into `optim.grad_accum_steps` micro-batches). `eval_batches` / `test_batches`: batches
-  per evaluation of the validation / test split; 0 skips it, -1 reads the whole split."""
+  per evaluation of the validation / test split; 0 skips it, -1 reads the whole split.
+  `profile_steps` > 0 writes a jax.profiler trace of that many steps into <workdir>/profile,
+  from step `profile_start` (0: two steps after the start, past compilation)."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -56,6 +58,8 @@ class TrainConfig:
   sample_temperature: float = 0.0
   sample_top_k: int = 0
   sample_top_p: float = 1.0
+  profile_steps: int = 0
+  profile_start: int = 0
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)
@@ -66,7 +70,7 @@ class TrainConfig:
     for name in ('eval_batches', 'test_batches'):
       if getattr(self, name) < -1:
         fail(f'train.{name}', getattr(self, name), 'must be >= 0, or -1 for the whole split')
-    for name in ('sample_tokens', 'sample_top_k'):
+    for name in ('sample_tokens', 'sample_top_k', 'profile_steps', 'profile_start'):
       if getattr(self, name) < 0:
         fail(f'train.{name}', getattr(self, name), 'must be >= 0')
     if not 0.0 <= self.label_smoothing < 1.0:
@@ -75,54 +79,6 @@ class TrainConfig:
       fail('train.z_loss', self.z_loss, 'must be >= 0')
     if not 0.0 < self.sample_top_p <= 1.0:
       fail('train.sample_top_p', self.sample_top_p, 'must be in (0, 1]')
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-  """Device mesh and logical-axis rules (CATALOG J).
-
-  `mesh` maps mesh axis names to sizes (-1: all remaining devices). `rules` maps logical axis
-  names used by the layers to mesh axes; the batch is always split over ('data', 'fsdp').
-  """
-  mesh: Mapping[str, int] = dataclasses.field(
-      default_factory=lambda: {'data': -1, 'fsdp': 1, 'tensor': 1})
-  rules: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {
-      'batch': ('data', 'fsdp'), 'embed': 'fsdp', 'vocab': 'tensor', 'mlp': 'tensor',
-      'heads': 'tensor', 'kv_heads': 'tensor', 'expert': 'fsdp'})
-
-  def validate(self) -> None:
-    sizes = dict(self.mesh)
-    if not sizes or any(not isinstance(v, int) or (v <= 0 and v != -1) for v in sizes.values()):
-      fail('parallel.mesh', sizes, 'must map axis names to positive sizes (one may be -1)')
-    if list(sizes.values()).count(-1) > 1:
-      fail('parallel.mesh', sizes, 'at most one axis may be -1')
-    axes = set(sizes)
-    for name, axis in dict(self.rules).items():
-      flat = axis if isinstance(axis, (tuple, list)) else (axis,)
-      bad = [a for a in flat if a is not None and a not in axes]
-      if bad:
-        fail(f'parallel.rules.{name}', axis, f'names mesh axes {bad} not in parallel.mesh '
-             f'{sorted(axes)}')
-
-  def mesh_shape(self, num_devices: int) -> dict[str, int]:
-    sizes = dict(self.mesh)
-    fixed = 1
-    for v in sizes.values():
-      fixed *= v if v != -1 else 1
-    if -1 in sizes.values():
-      if num_devices % fixed:
-        fail('parallel.mesh', dict(self.mesh),
-             f'fixed axes multiply to {fixed}, which does not divide {num_devices} devices')
-      sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    total = 1
-    for v in sizes.values():
-      total *= v
-    if total != num_devices:
-      fail('parallel.mesh', dict(self.mesh), f'needs {total} devices, found {num_devices}')
-    return sizes
-
-  def rule_items(self) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(self.rules).items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,22 +136,19 @@ class Experiment:
       fail('train.batch_size', t.batch_size,
            f'must be divisible by optim.grad_accum_steps={k}')
 
-  def check_devices(self, mesh_shape: Mapping[str, int]) -> None:
-    """The per-micro-batch examples must split evenly over the batch axes of the mesh."""
-    batch_axes = dict(self.parallel.rules).get('batch') or ()
-    batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
-    n = 1
-    for a in batch_axes:
-      n *= mesh_shape.get(a, 1)
+  def check_batch(self, batch_shards: int, batch_axes: tuple[str, ...],
+                  num_processes: int) -> None:
+    """The per-micro-batch examples must split evenly over the batch axes of the mesh and the
+    processes that load them."""
     micro = self.train.batch_size // self.optim.grad_accum_steps
-    if micro % n:
+    if micro % batch_shards:
       fail('train.batch_size', self.train.batch_size,
-           f'gives micro-batches of {micro} examples, which do not split over the {n} devices '
-           f'of the batch mesh axes {tuple(batch_axes)} (jax.device_count()='
-           f'{jax.device_count()}); use a multiple of {n * self.optim.grad_accum_steps}')
-    if self.train.batch_size % jax.process_count():
+           f'gives micro-batches of {micro} examples, which do not split over the '
+           f'{batch_shards} devices of the batch mesh axes {batch_axes}; use a multiple of '
+           f'{batch_shards * self.optim.grad_accum_steps}')
+    if self.train.batch_size % num_processes:
       fail('train.batch_size', self.train.batch_size,
-           f'must be divisible by the number of processes ({jax.process_count()})')
+           f'must be divisible by the number of processes ({num_processes})')
 
   def to_dict(self) -> dict[str, Any]:
     return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -225,9 +178,25 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'data': DataConfig.from_dict(data or {}),
       'optim': OptimConfig.from_dict(optim or {}),
       'train': _build(TrainConfig, dict(train or {}), 'train'),
-      'parallel': _build(ParallelConfig, dict(parallel or {}), 'parallel'),
   }
-  return ml_collections.ConfigDict({k: _plain(v) for k, v in sections.items()})
+  out = {k: _plain(v) for k, v in sections.items()}
+  out['parallel'] = _parallel_section(parallel)
+  return ml_collections.ConfigDict(out)
+
+
+def _parallel_section(given: Mapping[str, Any] | None) -> dict[str, Any]:
+  """Every parallel field and rule name present (see `jaxformer.parallel.config`)."""
+  section = parallel_section()
+  for key, value in dict(given or {}).items():
+    if key in ('mesh', 'dcn_mesh', 'rules') and isinstance(value, Mapping):
+      base = dict(section[key])
+      if key == 'mesh' and -1 in value.values() and 'data' not in value:
+        base['data'] = 1  # another axis takes the rest of the devices
+      section[key] = dict(base, **_plain(value))
+    else:
+      section[key] = _plain(value)
+  _build(ParallelConfig, section, 'parallel').validate()
+  return section
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,0 +1,151 @@
+"""The `config.parallel` section: mesh shape, rules preset and overrides (CATALOG J).
+
+  preset             dp | fsdp | tp | fsdp_tp | dp_fsdp_tp (jaxformer.parallel.rules): which
+                     mesh axes the logical names map onto. Default dp_fsdp_tp: every axis has
+                     its meaning, and the mesh sizes choose the layout.
+  mesh               axis -> size within a slice (ICI) for the axes data, stage, fsdp, context,
+                     expert, tensor; missing axes are 1, except 'data', which takes the rest of
+                     the devices (-1) unless another axis does. One size may be -1.
+  dcn_mesh           axis -> number of slices (TPU multi-slice) or processes (GPU / CPU
+                     clusters) along it; the full mesh is mesh x dcn_mesh per axis. Data
+                     parallelism over DCN keeps the slow links for the once-per-step gradient
+                     reduction.
+  rules              logical name -> mesh axes overriding the preset ('preset' keeps the preset's
+                     entry; 'none' or '' replicates; 'data,fsdp' names several axes).
+  sequence_parallel  shard the residual stream over its length on 'tensor' (Megatron-SP).
+
+Everything here is checked before a model is built: unknown names, a rule naming a mesh axis
+that does not exist, rules that put two dimensions of one activation on the same mesh axis, a
+preset that leaves a mesh axis of size > 1 without a meaning, and device counts that do not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from jaxformer.config import ConfigError, check_choice, fail
+from jaxformer.parallel import rules as rules_lib
+from jaxformer.parallel.rules import MESH_AXES, PRESETS, RESERVED_AXES, Rules
+
+
+def _ones() -> dict[str, int]:
+  return {a: 1 for a in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """See the module docstring."""
+  preset: str = 'dp_fsdp_tp'
+  mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(_ones(), data=-1))
+  dcn_mesh: Mapping[str, int] = dataclasses.field(default_factory=_ones)
+  rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  sequence_parallel: bool = False
+
+  # ---------------------------------------------------------------- validation
+  def validate(self) -> None:
+    check_choice('parallel.preset', self.preset, PRESETS)
+    ici, dcn = self.ici_sizes(), self.dcn_sizes()
+    for axis in RESERVED_AXES:
+      if ici[axis] * dcn[axis] != 1:
+        fail(f'parallel.mesh.{axis}', ici[axis] * dcn[axis],
+             'must be 1: pipeline (stage) and context parallelism are not available yet')
+    rules = self.logical_rules()
+    rules_lib.check_mesh_axes(rules, MESH_AXES)
+    rules.check_activation_layouts()
+    if self.sequence_parallel and 'tensor' not in rules.axes(rules_lib.NORM_LENGTH):
+      fail('parallel.sequence_parallel', True,
+           f"needs a preset with tensor parallelism (parallel.preset={self.preset!r} maps "
+           "nothing onto 'tensor'); use 'tp', 'fsdp_tp' or 'dp_fsdp_tp'")
+    self._check_used({a: ici[a] * dcn[a] for a in MESH_AXES}, rules)
+
+  def _check_used(self, sizes: Mapping[str, int], rules: Rules) -> None:
+    """A mesh axis of size > 1 that no rule maps onto would replicate everything over it."""
+    used = rules.used_axes()
+    for axis in MESH_AXES:
+      if sizes[axis] > 1 and axis not in used and axis not in RESERVED_AXES:
+        users = [p for p, axes in rules_lib.PRESET_AXES.items() if axis in axes]
+        fail(f'parallel.mesh.{axis}', sizes[axis],
+             f'asks for {axis!r} parallelism, but parallel.preset={self.preset!r} (with '
+             f'parallel.rules) maps nothing onto {axis!r}; use a preset that does '
+             f'({users}) or set the size to 1')
+
+  def _sizes(self, field: str, given: Mapping[str, int], default_rest: bool) -> dict[str, int]:
+    sizes = dict(given)
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+      raise ConfigError(f'parallel.{field}: unknown mesh axes {unknown}; the mesh axes are '
+                        f'{list(MESH_AXES)}')
+    for axis, size in sizes.items():
+      if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
+        fail(f'parallel.{field}.{axis}', size, 'must be a positive integer (or -1: the rest)')
+    rest = [a for a, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+      fail(f'parallel.{field}', sizes,
+           f'at most one axis may be -1 ("the rest"), here {rest} are; give the others a size'
+           + (' (data is -1 unless set: e.g. --config.parallel.mesh.data=1)'
+              if 'data' in rest else ''))
+    full = _ones()
+    if default_rest and 'data' not in sizes and not rest:
+      full['data'] = -1
+    full.update(sizes)
+    return full
+
+  def ici_sizes(self) -> dict[str, int]:
+    return self._sizes('mesh', self.mesh, default_rest=True)
+
+  def dcn_sizes(self) -> dict[str, int]:
+    sizes = self._sizes('dcn_mesh', self.dcn_mesh, default_rest=False)
+    if -1 in sizes.values():
+      fail('parallel.dcn_mesh', dict(self.dcn_mesh), 'sizes must be explicit (no -1)')
+    return sizes
+
+  def logical_rules(self) -> Rules:
+    return Rules.from_config(self.preset, self.rules,
+                             sequence_parallel=self.sequence_parallel)
+
+  # ---------------------------------------------------------------- devices
+  def mesh_shape(self, num_devices: int) -> dict[str, int]:
+    """The full mesh, axis -> size (ICI x DCN), in `MESH_AXES` order, for `num_devices`.
+
+    Raises ConfigError naming the sizes and the device count when they do not fit.
+    """
+    ici, dcn = self.ici_sizes(), self.dcn_sizes()
+    slices = math.prod(dcn.values())
+    if num_devices % slices:
+      fail('parallel.dcn_mesh', dict(self.dcn_mesh),
+           f'asks for {slices} slices/processes, which do not divide the {num_devices} devices')
+    per_slice = num_devices // slices
+    fixed = math.prod(s for s in ici.values() if s != -1)
+    if -1 in ici.values():
+      axis = next(a for a, s in ici.items() if s == -1)
+      if per_slice % fixed:
+        fail('parallel.mesh', _shown(ici),
+             f'the fixed axes multiply to {fixed}, which does not divide the {per_slice} '
+             f'devices{" per slice" if slices > 1 else ""} ({num_devices} found), so '
+             f'{axis!r} (-1) cannot take the rest')
+      ici[axis] = per_slice // fixed
+    elif fixed != per_slice:
+      fail('parallel.mesh', _shown(ici),
+           f'needs {fixed} devices{" per slice" if slices > 1 else ""}, but '
+           f'{per_slice} {"are" if per_slice != 1 else "is"} available ({num_devices} '
+           'found); make the sizes multiply to the device count, or let one axis be -1')
+    sizes = {a: ici[a] * dcn[a] for a in MESH_AXES}
+    self._check_used(sizes, self.logical_rules())
+    return sizes
+
+
+def _shown(sizes: Mapping[str, int]) -> dict[str, int]:
+  """The sizes a user set (axes of size 1 left out) for error messages."""
+  return {a: s for a, s in sizes.items() if s != 1} or {'data': 1}
+
+
+def default_section() -> dict[str, Any]:
+  """The `parallel` section `default_config` writes: every field and every rule name present
+  (rules as 'preset'), so each can be overridden from the command line."""
+  cfg = ParallelConfig()
+  return {'preset': cfg.preset, 'mesh': dict(cfg.mesh), 'dcn_mesh': dict(cfg.dcn_mesh),
+          'rules': {name: rules_lib.FROM_PRESET for name in rules_lib.NAMES},
+          'sequence_parallel': cfg.sequence_parallel}
