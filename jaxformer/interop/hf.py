@@ -77,7 +77,8 @@ def supported_model_types() -> list[str]:
 
 
 # =========================================================================== import
-def from_hf(source, state_dict=None, **overrides) -> tuple[ModelConfig, nnx.Module]:
+def from_hf(source, state_dict=None, *, layout=None, **overrides
+            ) -> tuple[ModelConfig, nnx.Module]:
   """Converts a Hugging Face model into (ModelConfig, jaxformer model) with the same outputs.
 
   Args:
@@ -85,6 +86,9 @@ def from_hf(source, state_dict=None, **overrides) -> tuple[ModelConfig, nnx.Modu
       required); or a local checkpoint directory holding config.json and *.safetensors.
     state_dict: with a config: a mapping of names to torch tensors / numpy arrays, or the path
       of a .safetensors file, a list of them, or a directory of them.
+    layout: a `jaxformer.parallel.sharding.Layout`: every converted tensor goes from the host
+      straight into its shards on the mesh (by its logical names); no device ever holds a
+      whole parameter that the layout splits.
     **overrides: ModelConfig fields merged over the converted config (nested sections as
       dicts), e.g. `param_dtype='bfloat16'`, `scan_layers=False`, `remat='full'`. Fields that
       change parameter shapes make the load fail.
@@ -100,7 +104,7 @@ def from_hf(source, state_dict=None, **overrides) -> tuple[ModelConfig, nnx.Modu
     sd = fam.normalize(sd)
   name, over = fam.config(hf_config, sd)
   cfg = family(name, **_merge(over, overrides))
-  model = _load(cfg, fam.rules(cfg), sd, fam.ignore)
+  model = _load(cfg, fam.rules(cfg), sd, fam.ignore, layout)
   return cfg, model
 
 
@@ -181,7 +185,7 @@ def _resolve(model, path: str):
   return obj
 
 
-def _model_shell(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+def _model_shell(cfg: ModelConfig, seed: int = 0, layout=None) -> nnx.Module:
   """The model with abstract parameters (about to be overwritten) and real RNG streams.
 
   Nothing is randomly initialised: the dropout streams get fresh keys drawn on the host, so
@@ -205,12 +209,16 @@ def _model_shell(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
       raise AssertionError(f'RNG key dtype {x.dtype} is not the default implementation')
     return key
 
-  nnx.update(model, jax.tree.map(fresh, rest))
+  rest = jax.tree.map(fresh, rest)
+  if layout is not None:
+    rest = jax.device_put(rest, layout.replicated)
+  nnx.update(model, rest)
   return model
 
 
-def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore) -> nnx.Module:
-  model = _model_shell(cfg)
+def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore, layout=None
+          ) -> nnx.Module:
+  model = _model_shell(cfg, layout=layout)
   dtype = cfg.params_dtype
   used, missing, stacks, filled = set(), [], {}, set()
   for r in rules:
@@ -229,7 +237,7 @@ def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore) -> nnx.Mod
     outs = r.to_ours(*[a.astype(np.float32) if a.dtype.kind == 'f' else a for a in arrays])
     for path, x in zip(r.ours, outs):
       if r.group is None:
-        filled.add(_set(model, path, x, dtype))
+        filled.add(_set(model, path, x, dtype, layout))
       else:
         stacks.setdefault(path, {})[r.group] = x
   if missing:
@@ -238,7 +246,8 @@ def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore) -> nnx.Mod
   for path, slices in stacks.items():
     if sorted(slices) != list(range(len(slices))):
       raise AssertionError(f'{path}: layer groups {sorted(slices)} are not contiguous')
-    filled.add(_set(model, path, np.stack([slices[g] for g in range(len(slices))]), dtype))
+    filled.add(_set(model, path, np.stack([slices[g] for g in range(len(slices))]), dtype,
+                    layout))
   unused = sorted(k for k in set(sd) - used if not any(re.search(p, k) for p in ignore))
   if unused:
     raise ValueError(f'{len(unused)} Hugging Face tensor(s) have no jaxformer counterpart (an '
@@ -250,13 +259,16 @@ def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore) -> nnx.Mod
   return model
 
 
-def _set(model, path: str, x: np.ndarray, dtype) -> int:
+def _set(model, path: str, x: np.ndarray, dtype, layout=None) -> int:
   p = _resolve(model, path)
   shape = tuple(p.get_value().shape)
   if tuple(x.shape) != shape:
     raise ValueError(f'{path}: converted Hugging Face tensor has shape {tuple(x.shape)}, the '
                      f'jaxformer parameter {shape}')
-  p.set_value(jnp.asarray(x, dtype))
+  if layout is None:
+    p.set_value(jnp.asarray(x, dtype))
+  else:
+    p.set_value(jax.device_put(np.asarray(x).astype(dtype), layout.variable_sharding(p, path)))
   return id(p)
 
 

@@ -1,8 +1,11 @@
 """Checkpoints: Orbax `CheckpointManager` with corruption fallback, shape checks and preemption.
 
-Layout: `<workdir>/checkpoints/<step>/{state, extras}`. `state` is the train-state pytree
-(`ocp.args.StandardSave`); `extras` is one JSON object (data-iterator state, RNG, config hash,
-metrics; `ocp.args.JsonSave`). Both are items of the same step, so they commit together: Orbax
+Layout: `<workdir>/checkpoints/<step>/{state, extras, data}`. `state` is the train-state pytree
+(`ocp.args.StandardSave`: every process writes its own shards, so a sharded state is never
+gathered); `extras` is one JSON object (step, RNG, config hash, metrics; `ocp.args.JsonSave`,
+written by process 0); `data` holds one data-iterator state per data shard
+(`shard_<j>-of-<S>.json`, each written by the process that loads it; see
+`jaxformer.data.shards`). All items of a step commit together: Orbax
 writes the step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only after every
 item is written (on object stores, where rename is not atomic, a `commit_success.txt` marks the
 commit instead). A step directory is therefore complete or absent; a save killed half-way
@@ -14,16 +17,23 @@ Guarantees on top of Orbax:
   * `restore` compares the checkpoint's metadata tree with the target abstract state before
     reading any array, and refuses an incompatible checkpoint naming the first mismatching
     parameter path and both shapes (`IncompatibleCheckpointError`);
+  * restoring onto another mesh or device count is a matter of the target: the abstract state
+    carries the new shardings and Orbax reads each device's part of every array;
+  * the data position restores with any number of processes that divides the shard count; a
+    checkpoint whose data was cut into another number of shards is refused (`DataStateError`,
+    naming both counts and the setting that resumes it) before anything is read;
   * an unreadable latest checkpoint (truncated or missing files, garbled metadata) is reported
-    with a warning naming the step and the error, moved aside to `<workdir>/checkpoints_corrupt`,
-    and the previous good step is used; if checkpoints exist but none can be read, `restore`
-    raises `CheckpointError` rather than letting training restart from scratch;
+    with a warning naming the step and the error, moved aside to `<workdir>/checkpoints_corrupt`
+    (by process 0, followed by a barrier), and the previous good step is used; if checkpoints
+    exist but none can be read, `restore` raises `CheckpointError` rather than letting training
+    restart from scratch. With several processes the step to use is agreed on by all of them;
   * `PreemptionHandler` turns SIGTERM/SIGINT into a flag the train loop polls, so it can save,
     wait for the write to finish, and exit cleanly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -36,10 +46,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxformer.parallel import distributed
+
 log = logging.getLogger(__name__)
 
 STATE = 'state'
 EXTRAS = 'extras'
+DATA = 'data'
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
 
@@ -50,6 +63,10 @@ class CheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint's tree or shapes differ from the state it should be restored into."""
+
+
+class DataStateError(ValueError):
+  """The checkpoint's data-iterator state does not fit this run's processes."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -189,6 +206,79 @@ def _short(error: BaseException) -> str:
   return f'{type(error).__name__}: {text}'
 
 
+def _shard_file(j: int, num_shards: int) -> str:
+  return f'shard_{j}-of-{num_shards}.json'
+
+
+def check_shard_files(folder: epath.Path, data, where: str) -> None:
+  """Raises `DataStateError` unless `folder` has a state for every shard `data` loads."""
+  missing = [j for j in data.shards if not (folder / _shard_file(j, data.num_shards)).exists()]
+  if not missing:
+    return
+  written = sorted(p.name for p in folder.glob('shard_*-of-*.json')) if folder.exists() else []
+  counts = sorted({int(n.rsplit('-of-', 1)[1].split('.')[0]) for n in written})
+  saved = ' or '.join(map(str, counts)) or 'no'
+  hint = (f' Resume with --config.data.num_shards={counts[0]} (any number of processes that '
+          'divides it), or start a new --workdir.' if len(counts) == 1 else '')
+  raise DataStateError(
+      f'{where} holds the data position of {saved} data shard(s) ({len(written)} file(s)), but '
+      f'this run reads {data.num_shards} shard(s) (data.num_shards, 0 = one per process; '
+      f'{jax.process_count()} process(es) here), so it has no state for shard(s) {missing}.'
+      + hint)
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+  """Orbax handler for the data position: one JSON file per data shard, written and read by
+  the process that loads that shard (so any process count dividing the shard count fits)."""
+
+  def save(self, directory: epath.Path, args: 'DataShardsSave') -> None:
+    for j, state in args.states.items():
+      (directory / _shard_file(j, args.num_shards)).write_text(state.decode())
+
+  def restore(self, directory: epath.Path, args: 'DataShardsRestore'):
+    data = args.iterator
+    if data is None:
+      return None
+    check_shard_files(directory, data, str(directory))
+    data.set_shard_states({j: (directory / _shard_file(j, data.num_shards)).read_text().encode()
+                           for j in data.shards})
+    data.start_prefetch()
+    return data
+
+  def metadata(self, directory: epath.Path):
+    del directory
+
+  def structure(self, directory: epath.Path):
+    del directory
+
+  def finalize(self, directory: epath.Path) -> None:
+    del directory
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+  states: dict
+  num_shards: int
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+  iterator: object = None  # None: leave the data position alone (evaluation restores)
+
+
+def _everyone_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (itself in a single process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """Periodic, asynchronous, keep-N checkpoints of a train state plus JSON extras.
 
@@ -214,12 +304,15 @@ class Checkpointer:
     if save_interval_steps < 1:
       raise ValueError(f'save_interval_steps={save_interval_steps} is invalid: must be >= 1')
     self.workdir = epath.Path(workdir)
+    self.data_restored = False
     self.directory = self.workdir / CHECKPOINT_DIR
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(STATE, ocp.args.StandardSave)
     registry.add(STATE, ocp.args.StandardRestore)
     registry.add(EXTRAS, ocp.args.JsonSave)
     registry.add(EXTRAS, ocp.args.JsonRestore)
+    registry.add(DATA, DataShardsSave, DataShardsHandler)
+    registry.add(DATA, DataShardsRestore, DataShardsHandler)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=save_interval_steps,
@@ -240,12 +333,14 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def save(self, step: int, state, extras: Mapping[str, Any] | None = None, *,
-           force: bool = False) -> bool:
+           data=None, force: bool = False) -> bool:
     """Saves `state` and `extras` as one step if the save interval (or `force`) asks for it.
 
     Without `force`, a step is saved when it is a multiple of `save_interval_steps` or when
     no checkpoint exists yet (Orbax's initial-save policy, which proves early that saving
     works). A step that is already saved is a no-op. Returns whether a save was started.
+    `data`, a `jaxformer.data.shards.ShardedIterator`, is saved one state per shard; its
+    state is taken now, before this returns.
     With `async_save` the arrays are copied off the
     devices before this returns and written in the background; call `wait()` before relying
     on the files. Raises `NonFiniteError` for a NaN/Inf state and TypeError for non-JSON
@@ -258,56 +353,68 @@ class Checkpointer:
       return False
     assert_finite(state, f'state at step {step}')
     payload = to_json(dict(extras or {}))
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            EXTRAS: ocp.args.JsonSave(payload)
-        }),
-        force=True)
+    items = {STATE: ocp.args.StandardSave(state), EXTRAS: ocp.args.JsonSave(payload)}
+    if data is not None:
+      items[DATA] = DataShardsSave(data.shard_states(), data.num_shards)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self) -> None:
     """Blocks until an asynchronous save has committed; re-raises its error if it failed."""
     self._manager.wait_until_finished()
 
-  def _restore_step(self, step: int, target):
+  def has_data_state(self, step: int) -> bool:
+    return (self.directory / str(step) / DATA).exists()
+
+  def check_data_state(self, step: int, data) -> None:
+    """Raises `DataStateError` unless step `step` holds the state of every shard of `data`."""
+    check_shard_files(self.directory / str(step) / DATA, data, f'checkpoint step {step}')
+
+  def _restore_step(self, step: int, target, data=None):
     metadata = self._manager.item_metadata(step)
     tree = metadata[STATE] if STATE in metadata else None
     if tree is None:
       raise FileNotFoundError(f'no readable metadata for item {STATE!r}')
     check_compatible(getattr(tree, 'tree', tree), target,
                      where=f'checkpoint step {step} in {self.directory}')
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(_with_default_sharding(target)),
-            EXTRAS: ocp.args.JsonRestore()
-        }))
+    items = {STATE: ocp.args.StandardRestore(_with_default_sharding(target)),
+             EXTRAS: ocp.args.JsonRestore()}
+    if data is not None and self.has_data_state(step):
+      self.check_data_state(step, data)
+      items[DATA] = DataShardsRestore(data)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    self.data_restored = DATA in items
     return restored[STATE], dict(restored[EXTRAS] or {})
 
-  def restore(self, target, *, step: int | None = None):
+  def restore(self, target, *, step: int | None = None, data=None):
     """Restores into the structure, shapes and shardings of `target` (an abstract state).
 
     Returns `(step, state, extras)` from the newest readable step (or exactly `step`), or None
-    when no checkpoint exists. Unreadable newer steps are logged, moved to
-    `<workdir>/checkpoints_corrupt` and skipped. Raises `IncompatibleCheckpointError` when the
-    newest readable checkpoint does not fit `target`, and `CheckpointError` when checkpoints
-    exist but none can be read.
+    when no checkpoint exists. With `data` (a checkpointable iterator) its state is restored
+    too, and `self.data_restored` says whether the step had one. Unreadable newer steps
+    are logged, moved to `<workdir>/checkpoints_corrupt` and skipped. Raises
+    `IncompatibleCheckpointError` when the newest readable checkpoint does not fit `target`,
+    `DataStateError` when its data state was written by another number of processes, and
+    `CheckpointError` when checkpoints exist but none can be read.
     """
     self.wait()
     if step is not None:
-      state, extras = self._restore_step(step, target)
+      state, extras = self._restore_step(step, target, data)
       return step, state, extras
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
     failed = []
     for candidate in steps:
+      error = None
       try:
-        state, extras = self._restore_step(candidate, target)
-      except IncompatibleCheckpointError:
+        state, extras = self._restore_step(candidate, target, data)
+      except (IncompatibleCheckpointError, DataStateError):
         raise
-      except Exception as error:  # pylint: disable=broad-exception-caught
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e
+      if not _everyone_ok(error is None):
+        error = error or RuntimeError('another process could not read this step')
+      if error is not None:
         failed.append((candidate, _short(error)))
         log.warning('checkpoint step %d in %s cannot be restored (%s); %s', candidate,
                     self.directory, _short(error),
@@ -326,7 +433,7 @@ class Checkpointer:
 
   def _move_aside(self, steps: Sequence[int]) -> None:
     """Moves unreadable steps out of the manager's directory so training can save them anew."""
-    if jax.process_index() == 0:
+    if distributed.is_primary():
       corrupt = self.workdir / CORRUPT_DIR
       corrupt.mkdir(parents=True, exist_ok=True)
       for step in steps:
@@ -338,6 +445,7 @@ class Checkpointer:
           suffix += 1
         source.rename(destination)
         log.warning('moved unreadable checkpoint step %d to %s', step, destination)
+    distributed.barrier('checkpoints moved aside')
     self._manager.reload()
 
   def close(self) -> None:

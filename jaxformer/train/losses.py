@@ -37,6 +37,17 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.where(total > 0, jnp.sum(weights * values) / safe, 0.0)
 
 
+def label_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """z_y [...] from logits [..., V]: a masked sum over the vocabulary rather than a gather.
+
+  Under tensor parallelism the logits are split over the vocabulary; a sum partitions into local
+  sums and one all-reduce of [...] values, where a gather along the split axis would make XLA
+  gather the whole [..., V] logits onto every device (vocab-parallel cross entropy, Megatron).
+  """
+  hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+  return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, *, mask: jax.Array | None = None,
                   label_smoothing: float = 0.0, z_loss: float = 0.0):
   """Token cross entropy with label smoothing and z-loss.
@@ -53,7 +64,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *, mask: jax.Array | No
   """
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  nll = lse - label_logit(logits, targets)
   per_token = nll
   if label_smoothing:
     uniform = lse - jnp.mean(logits, axis=-1)

@@ -52,8 +52,13 @@ def with_dropout_key(rest, key):
 
 def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
                     loss_cfg: tasks.LossConfig, tx: optax.GradientTransformation,
-                    accum_steps: int, seed: int, loss_scale=None):
-  """Returns train_step(state, batch) -> (state, metrics)."""
+                    accum_steps: int, seed: int, loss_scale=None, grad_shardings=None):
+  """Returns train_step(state, batch) -> (state, metrics).
+
+  `grad_shardings` (the parameters' shardings) pins each gradient to its parameter's layout
+  as soon as it is computed, so data-parallel gradient sums become reduce-scatters onto the
+  FSDP shards rather than all-reduces of whole gradients.
+  """
   base_key = jax.random.key(seed)
   param_dtype = model_cfg.params_dtype
 
@@ -70,7 +75,9 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
     else:
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, key)
     grads = cast_floating(grads, param_dtype)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if grad_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return (params, opt_state, scale, step, i + 1), metrics

@@ -1,14 +1,17 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every experiment uses.
 
 Order of work, so that bad input fails before anything is compiled: validate the config, check
-the workdir is writable, build the device mesh and check the batch splits over it, open the data
-(a missing dataset fails here), build the model and optimizer, then restore the latest good
-checkpoint (refusing an incompatible one) or start fresh, and only then compile.
+the workdir is writable, build the device mesh and check the batch splits over it, open this
+process's data shards (a missing dataset fails here), lay out the model and optimizer abstractly
+(every mesh axis must divide the dimensions it shards), then restore the latest good checkpoint
+straight into its shardings (refusing an incompatible one) or initialise in place, write the run
+records, and only then compile the steps (`jaxformer.train.program.TrainProgram`).
 
 The loop syncs with the host only every `train.log_every` steps (metrics, non-finite check,
 progress bar), at evaluation and at checkpoints. SIGTERM / SIGINT finish the current step, save
-a checkpoint and exit cleanly; a run killed outright resumes from its last checkpoint with the
-data iterator, step and RNG exactly where they were.
+a checkpoint and exit cleanly (in a multi-host job every process agrees on that step); a run
+killed outright resumes from its last checkpoint with the data iterator, step and RNG exactly
+where they were. In a multi-host job process 0 writes the records and metrics and prints.
 """
 
 from __future__ import annotations
@@ -16,30 +19,60 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from jaxformer.data import pipeline as data_pipeline
-from jaxformer.layers.base import logical_rules
-from jaxformer.models import build_model
-from jaxformer.parallel.sharding import make_mesh, shard_params
+from jaxformer.data.shards import make_process_pipeline
+from jaxformer.parallel import distributed
+from jaxformer.parallel.mesh import make_mesh
+from jaxformer.parallel.sharding import Layout
 from jaxformer.train import checkpoint as ckpt_lib
 from jaxformer.train import metrics as metrics_lib
 from jaxformer.train import optimizer as optim_lib
-from jaxformer.train import tasks
 from jaxformer.train.experiment import Experiment
-from jaxformer.train.precision import make_loss_scale
-from jaxformer.train.step import make_eval_step, make_train_step
-from jaxformer.train.workdir import prepare_workdir, save_config, save_param_summary
+from jaxformer.train.program import TrainProgram
+from jaxformer.train.workdir import prepare_workdir, save_config, save_param_summary, write_text
 
 log = logging.getLogger('jaxformer')
+
+
+def make_layout(cfg, devices=None) -> Layout:
+  """The layout of a `ParallelConfig` over `devices` (default: every device of the job)."""
+  return Layout(make_mesh(cfg, devices), cfg.logical_rules())
+
+
+class StepProfiler:
+  """Writes a `jax.profiler` trace of `train.profile_steps` steps into `<workdir>/profile`
+  (TensorBoard's profile plugin or XProf opens it). Tracing starts at step
+  `train.profile_start` (default: two steps after the run starts or resumes, so that
+  compilation is not in the trace) and stops once those steps have finished on the device."""
+
+  def __init__(self, workdir, t, start: int):
+    self.count = t.profile_steps
+    self.first = t.profile_start if t.profile_start > 0 else start + 2
+    self.directory = str(workdir / 'profile')
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.count and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.first + self.count:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      log.info('wrote a profile of %d step(s) from step %d to %s', self.count, self.first,
+               self.directory)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,85 +80,80 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer:
-  """Holds everything a run needs; `run()` trains, evaluates, checkpoints and samples."""
+  """Holds everything a run needs; `run()` trains, evaluates, checkpoints and samples.
 
-  def __init__(self, config, workdir: str):
+  `mode='eval'` (the eval and generate commands) restores the parameters only: no data-iterator
+  state, no training step, and nothing is written into the run folder. `devices` restricts the
+  mesh to some of this process's devices (notebooks, tests); by default it spans the whole job.
+  """
+
+  def __init__(self, config, workdir, *, mode: str = 'train', devices=None):
+    if mode not in ('train', 'eval'):
+      raise ValueError(f"mode={mode!r} is invalid: allowed values are ['eval', 'train']")
+    self.mode = mode
     self.exp = exp = Experiment.from_config(config)
     self.workdir = prepare_workdir(workdir)
-    shape = exp.parallel.mesh_shape(jax.device_count())
-    exp.check_devices(shape)
-    self.mesh = make_mesh(list(shape.values()), list(shape.keys()))
-    self.rules = exp.parallel.rule_items()
-    batch_axes = dict(self.rules).get('batch')
-    self.batch_sharding = jax.sharding.NamedSharding(
-        self.mesh, jax.sharding.PartitionSpec(batch_axes))
+    self.layout = make_layout(exp.parallel, devices)
+    exp.check_batch(self.layout.batch_shards, self.layout.batch_axes, jax.process_count())
+    self.mesh = self.layout.mesh
     t = exp.train
-    self.train_iter = data_pipeline.make_pipeline(
-        exp.data, exp.data.train_split, batch_size=t.batch_size // jax.process_count(),
-        seed=t.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+    self.train_iter = make_process_pipeline(
+        exp.data, exp.data.train_split, batch_size=t.batch_size, seed=t.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
     self.tokenizer = self.train_iter.tokenizer
     if self.tokenizer is not None and self.tokenizer.vocab_size > exp.model.vocab_size:
       raise ValueError(
           f'model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer vocabulary '
           f'({self.tokenizer.vocab_size} ids for data.tokenizer={exp.data.tokenizer!r}); set '
           f'model.vocab_size >= {self.tokenizer.vocab_size}')
-    save_config(self.workdir, exp.to_dict())
-
-    model = build_model(exp.model, seed=t.seed)
-    with jax.set_mesh(self.mesh):
-      shard_params(model, self.mesh, self.rules)
-    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-    save_param_summary(self.workdir, params)
-    self.num_params = sum(x.size for x in jax.tree.leaves(params))
-    self.tx = optim_lib.make_optimizer(exp.optim.replace(skip_nonfinite=True), params)
-    state = {'params': params, 'opt_state': jax.jit(self.tx.init)(params),
-             'step': jnp.zeros((), jnp.int32)}
-    scale = make_loss_scale(exp.optim)
-    if scale is not None:
-      state['loss_scale'] = scale
-    self.state = self._place(state)
-
-    self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=t.keep_checkpoints,
-                                      async_save=t.async_checkpoint,
-                                      save_interval_steps=t.checkpoint_every)
-    self._restore()
-    loss_cfg = tasks.LossConfig(label_smoothing=t.label_smoothing, z_loss=t.z_loss)
-    self.train_step = jax.jit(make_train_step(
-        self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
-        tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed), donate_argnums=0)
     regular = None
     if self.tokenizer is not None and getattr(self.tokenizer, 'char_level', False):
       ids = self.tokenizer.regular_ids
       regular = (ids.start, ids.stop)
-    self.eval_step = jax.jit(make_eval_step(
-        self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model,
-        loss_cfg=tasks.LossConfig(), regular_ids=regular))
+    # Shapes, shardings and the mesh's fit to every parameter are known here, before anything
+    # is allocated or compiled.
+    self.program = TrainProgram(exp, self.layout, regular_ids=regular)
+    self.graphdef = self.program.graphdef
+    self.num_params = self.program.num_params
+    self.tx = self.program.tx
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=t.keep_checkpoints,
+                                      async_save=t.async_checkpoint,
+                                      save_interval_steps=t.checkpoint_every)
+    self._restore_or_init()
+    if mode == 'train' and distributed.is_primary():
+      save_config(self.workdir, exp.to_dict())
+      save_param_summary(self.workdir, self.program.abstract_state['params'])
 
-  def _place(self, tree):
-    """Everything not already laid out on the mesh (optimizer counters, step, loss scale) is
-    replicated over it, so jit sees one device set and restored leaves keep their layout."""
+  @property
+  def rest(self):
+    return self.program.rest
 
-    def sharding(x):
-      s = getattr(x, 'sharding', None)
-      if isinstance(s, jax.sharding.NamedSharding) and s.mesh == self.mesh:
-        return s
-      return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+  @property
+  def train_step(self):
+    return self.program.train_step
 
-    return jax.device_put(tree, jax.tree.map(sharding, tree))
+  @property
+  def eval_step(self):
+    return self.program.eval_step
 
   # ---------------------------------------------------------------- checkpoints
-  def _restore(self) -> None:
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-        self.state)
-    restored = self.ckpt.restore(target)
+  def _restore_or_init(self) -> None:
+    """Restores the newest good checkpoint straight into its shardings, or initialises."""
+    data = self.train_iter if self.mode == 'train' else None
+    restored = self.ckpt.restore(self.program.target(), data=data)
     if restored is None:
-      log.info('no checkpoint in %s: starting from scratch', self.ckpt.directory)
+      if self.mode == 'train':
+        log.info('no checkpoint in %s: starting from scratch', self.ckpt.directory)
+      self.state = self.program.init_state()
       return
-    step, state, extras = restored
-    self.state = state
-    if extras and extras.get('data') is not None:
-      self.train_iter.set_state(json.dumps(extras['data']).encode())
+    step, self.state, extras = restored
+    if data is not None and not self.ckpt.data_restored and extras.get('data') is not None:
+      # Checkpoints written before data shards kept one process's state in the extras.
+      if len(data.shards) != 1 or data.num_shards != 1:
+        raise ckpt_lib.DataStateError(
+            f'checkpoint step {step} keeps the data position of one data shard only (an older '
+            'format); resume it with one process and data.num_shards=1')
+      data.shards[0].set_state(json.dumps(extras['data']).encode())
     log.info('resumed from step %d', step)
 
   def save(self, force: bool = False) -> bool:
@@ -133,8 +161,7 @@ class Trainer:
     if not force and not self.ckpt.should_save(step):
       return False
     self._check_finite(step)
-    extras = {'data': json.loads(self.train_iter.get_state()), 'step': step}
-    return self.ckpt.save(step, self.state, extras, force=force)
+    return self.ckpt.save(step, self.state, {'step': step}, data=self.train_iter, force=force)
 
   def _check_finite(self, step: int) -> None:
     skipped = int(optim_lib.num_skipped(self.state['opt_state']))
@@ -147,8 +174,9 @@ class Trainer:
 
   # ---------------------------------------------------------------- data
   def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    """This process's rows of the batch -> global arrays split over the batch axes."""
+    sharding = self.program.batch_sharding
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
   # ---------------------------------------------------------------- evaluation
   def evaluate(self, split: str, num_batches: int) -> dict[str, float]:
@@ -156,17 +184,16 @@ class Trainer:
     if num_batches == 0:
       return {}
     exp = self.exp
-    it = data_pipeline.make_pipeline(
-        exp.data, split, batch_size=exp.train.batch_size // jax.process_count(),
-        seed=exp.train.seed, shard_index=jax.process_index(),
-        shard_count=jax.process_count(), tokenizer=self.tokenizer, shuffle=False, num_epochs=1)
+    it = make_process_pipeline(
+        exp.data, split, batch_size=exp.train.batch_size, seed=exp.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=self.tokenizer, shuffle=False, num_epochs=1)
     totals: dict[str, Any] = {}
-    with jax.set_mesh(self.mesh), logical_rules(self.rules):
-      for i, batch in enumerate(it):
-        if 0 < num_batches <= i:
-          break
-        sums = self.eval_step(self.state['params'], self._device_batch(batch))
-        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+    for i, batch in enumerate(it):
+      if 0 < num_batches <= i:
+        break
+      sums = self.eval_step(self.state['params'], self._device_batch(batch))
+      totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     it.close()
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     n = max(totals.get('num_tokens', 0.0), 1.0)
@@ -183,9 +210,11 @@ class Trainer:
     start = int(self.state['step'])
     self.skipped_at_start = int(optim_lib.num_skipped(self.state['opt_state']))
     writer = metrics_lib.MetricWriter(self.workdir, use_tensorboard=t.tensorboard)
+    primary = distributed.is_primary()
     bar = metrics_lib.ProgressBar(t.steps, initial_step=start,
                                   keys=('loss', 'lr', 'tokens_per_s', 'mfu'),
-                                  enabled=None if t.progress else False)
+                                  enabled=None if t.progress and primary else False,
+                                  silent=not primary)
     tokens_per_step = t.batch_size * exp.data.seq_len
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     throughput = metrics_lib.Throughput(
@@ -197,16 +226,19 @@ class Trainer:
     result: dict[str, Any] = {'start_step': start}
     if start >= t.steps:
       log.info('the run already reached train.steps=%d', t.steps)
-    with ckpt_lib.PreemptionHandler() as preempt, jax.set_mesh(self.mesh), \
-        logical_rules(self.rules):
+    profiler = StepProfiler(self.workdir, t, start)
+    with distributed.StopAgreement() as stop:
       step = start
       throughput(step)
       while step < t.steps:
+        profiler.before(step)
         batch = self._device_batch(next(self.train_iter))
         self.state, metrics = self.train_step(self.state, batch)
         pending.append(metrics)
         step += 1
-        if step % t.log_every == 0 or step == t.steps or preempt.should_stop:
+        profiler.after(step, self.state)
+        stopping = stop.should_stop(step)
+        if step % t.log_every == 0 or step == t.steps or stopping:
           scalars = self._log(step, pending, schedule, throughput, writer, bar)
           result['last_train'] = scalars
           pending = []
@@ -216,26 +248,32 @@ class Trainer:
             writer.write(step, {f'eval/{k}': v for k, v in ev.items()})
             bar.write(f'step {step} eval: {_fmt(ev)}')
             result['eval'] = ev
-        if step % t.checkpoint_every == 0 or step == t.steps or preempt.should_stop:
-          self.save(force=step == t.steps or preempt.should_stop)
-        if preempt.should_stop:
-          log.warning('received %s: saved step %d, exiting', preempt.signal_name, step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+          self.save(force=step == t.steps or stopping)
+        if stopping:
+          self.ckpt.wait()
+          log.warning('received %s: saved step %d, exiting', stop.signal_name, step)
           result['preempted'] = True
           break
+    profiler.close()
     self.ckpt.wait()
     bar.close()
     if not result.get('preempted') and t.test_batches:
       result['test'] = self.evaluate('test', t.test_batches)
       writer.write(step, {f'test/{k}': v for k, v in result['test'].items()})
-      print(f'test: {_fmt(result["test"])}', flush=True)
+      if primary:
+        print(f'test: {_fmt(result["test"])}', flush=True)
     if not result.get('preempted') and t.sample_tokens and exp.data.task == 'lm':
+      # Every process takes part (the model is sharded over all of them); one prints.
       result['sample'] = self.sample(t.sample_prompt, t.sample_tokens)
-      print(f'--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{result["sample"]}\n'
-            '---', flush=True)
+      if primary:
+        print(f'--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}'
+              f'{result["sample"]}\n---', flush=True)
     writer.close()
     result['step'] = step
-    with open(os.path.join(self.workdir, 'result.json'), 'w') as f:
-      json.dump({k: v for k, v in result.items() if k != 'sample'}, f, indent=1)
+    if primary:
+      write_text(self.workdir / 'result.json',
+                 json.dumps({k: v for k, v in result.items() if k != 'sample'}, indent=1))
     return result
 
   def _log(self, step, pending, schedule, throughput, writer, bar) -> dict[str, float]:

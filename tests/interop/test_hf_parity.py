@@ -265,3 +265,25 @@ def test_bart_parity_with_padding(tied):
              decoder_attention_mask=tgt_mask).logits
   out = model(j(src), j(tgt), encoder_segment_ids=j(src_mask), decoder_segment_ids=j(tgt_mask))
   assert_close(out.logits, ref, tgt_mask.numpy().astype(bool))
+
+
+# =========================================================================== sharded import
+def test_import_onto_a_mesh_places_every_tensor_in_its_shards():
+  """`from_hf(..., layout=)` sends each converted tensor from the host into its shards
+  (dp2 x fsdp2 x tp2 here) and the model keeps HF's logits."""
+  from jaxformer.parallel.config import ParallelConfig
+  from jaxformer.parallel.mesh import make_mesh
+  from jaxformer.parallel.sharding import Layout
+  model_cls, config_cls, kw, over = DECODERS['llama_gqa']
+  hf = hf_model(model_cls, config_cls, **kw)
+  parallel = ParallelConfig(mesh={'data': 2, 'fsdp': 2, 'tensor': 2})
+  layout = Layout(make_mesh(parallel), parallel.logical_rules())
+  cfg, model = from_hf(hf, layout=layout, **over)
+  wq = model.stack.layers.blocks[0].self_attn.wq.get_value()  # [L, D, N, H]
+  assert wq.shape == (2, 32, 4, 8)
+  assert {s.data.shape for s in wq.addressable_shards} == {(2, 16, 2, 8)}
+  tokens = ids(hf.config.vocab_size, 12, seed=1)
+  with torch.no_grad():
+    ref = hf(tokens).logits
+  from flax import nnx
+  assert_close(nnx.jit(lambda m, t: m(t).logits)(model, j(tokens)), ref)

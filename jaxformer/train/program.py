@@ -1,0 +1,134 @@
+"""An experiment on a device layout: its state, shardings and compiled steps.
+
+`TrainProgram(exp, layout)` is what the trainer, the evaluation and generation commands, the
+plan command (`python -m jaxformer.parallel.plan`) and the layout tests share. It knows, before
+anything is compiled or allocated:
+
+  abstract_state    the train state {'params', 'opt_state', 'step'[, 'loss_scale']} as shapes
+  state_shardings   where every leaf lives (parameters by their logical names; optimizer moments
+                    like their parameters; counters replicated); building them refuses a mesh
+                    axis that does not divide the dimension it shards
+  batch_sharding    input batches split over the batch axes
+
+and it makes the state in place (`init_state`: sharded initialisation, nothing whole on one
+device) and the jitted steps with pinned input and output shardings (`train_step`,
+`eval_step`), traced with the layout active so the models' activation constraints apply.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.parallel import rules as R
+from jaxformer.parallel import state as state_lib
+from jaxformer.parallel.sharding import Layout
+from jaxformer.train import optimizer as optim_lib
+from jaxformer.train import tasks
+from jaxformer.train.experiment import Experiment
+from jaxformer.train.precision import make_loss_scale
+from jaxformer.train.step import make_eval_step, make_train_step
+
+
+class TrainProgram:
+  """See the module docstring. `regular_ids` = (lo, hi) marks byte tokens for bits per byte."""
+
+  def __init__(self, exp: Experiment, layout: Layout, *,
+               regular_ids: tuple[int, int] | None = None):
+    self.exp, self.layout, self.regular_ids = exp, layout, regular_ids
+    seed = exp.train.seed
+    m = exp.model
+    layout.check_activations({
+        R.HEADS: m.num_heads, R.KV_HEADS: m.num_kv_heads, R.HEAD_DIM: m.head_dim,
+        R.MLP: m.ffn_hidden_dim, R.VOCAB: m.vocab_size, R.EMBED: m.d_model,
+        R.EXPERT: max(m.moe.num_experts, 1)})
+    abstract = state_lib.abstract_model(exp.model, seed)
+    self.graphdef, abstract_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    self.param_shardings = layout.state_shardings(abstract_params)
+    self.rest_shardings = layout.state_shardings(self.abstract_rest)
+    self.tx = optim_lib.make_optimizer(exp.optim.replace(skip_nonfinite=True), abstract_params)
+    self.opt_shardings = state_lib.optimizer_shardings(self.tx, abstract_params,
+                                                       self.param_shardings, layout)
+    self.abstract_state: dict[str, Any] = {
+        'params': abstract_params,
+        'opt_state': jax.eval_shape(self.tx.init, abstract_params),
+        'step': jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    self.state_shardings: dict[str, Any] = {
+        'params': self.param_shardings, 'opt_state': self.opt_shardings,
+        'step': layout.replicated}
+    if make_loss_scale(exp.optim) is not None:
+      self.abstract_state['loss_scale'] = jax.eval_shape(lambda: make_loss_scale(exp.optim))
+      self.state_shardings['loss_scale'] = layout.replicated
+    self.batch_sharding = layout.batch_sharding()
+    self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+
+  # ---------------------------------------------------------------- state
+  def target(self) -> Any:
+    """The abstract train state with its shardings: what a checkpoint is restored into."""
+    return state_lib.abstract_with(self.abstract_state, self.state_shardings)
+
+  def init_state(self) -> dict[str, Any]:
+    """A fresh train state, every leaf created on its devices (see parallel/state.py)."""
+    exp, seed = self.exp, self.exp.train.seed
+
+    def init():
+      model = state_lib._build(exp.model, seed)  # pylint: disable=protected-access
+      params = nnx.state(model, nnx.Param)
+      state = {'params': params, 'opt_state': self.tx.init(params),
+               'step': jnp.zeros((), jnp.int32)}
+      scale = make_loss_scale(exp.optim)
+      if scale is not None:
+        state['loss_scale'] = scale
+      return state
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  @functools.cached_property
+  def rest(self) -> Any:
+    """The model's non-parameter variables (RNG streams and the like), made in place."""
+    exp, seed = self.exp, self.exp.train.seed
+
+    def init():
+      return nnx.split(state_lib._build(exp.model, seed), nnx.Param, ...)[2]  # pylint: disable=protected-access
+
+    return jax.jit(init, out_shardings=self.rest_shardings)()
+
+  def model(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, self.rest)
+
+  # ---------------------------------------------------------------- steps
+  @functools.cached_property
+  def train_step(self):
+    """jit(step)(state, batch) -> (state, metrics); the state is donated."""
+    exp = self.exp
+    t = exp.train
+    loss_cfg = tasks.LossConfig(label_smoothing=t.label_smoothing, z_loss=t.z_loss)
+    step = make_train_step(
+        self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
+        tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed,
+        grad_shardings=self.param_shardings if self.layout.mesh.size > 1 else None)
+    return jax.jit(self.layout.wrap(step),
+                   in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.layout.replicated),
+                   donate_argnums=0)
+
+  @functools.cached_property
+  def eval_step(self):
+    """jit(step)(params, batch) -> metric sums (replicated)."""
+    exp = self.exp
+    step = make_eval_step(self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model,
+                          loss_cfg=tasks.LossConfig(), regular_ids=self.regular_ids)
+    return jax.jit(self.layout.wrap(step),
+                   in_shardings=(self.param_shardings, self.batch_sharding),
+                   out_shardings=self.layout.replicated)
+
+  def abstract_batch(self, batch) -> dict[str, jax.ShapeDtypeStruct]:
+    """A host batch (one process's rows) as the global abstract batch the steps take."""
+    n = jax.process_count()
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + tuple(v.shape[1:]), v.dtype,
+                                    sharding=self.batch_sharding) for k, v in batch.items()}
