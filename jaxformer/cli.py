@@ -25,33 +25,86 @@ def setup_logging() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def define_mesh_flags():
+  """--mesh / --dcn_mesh: evaluate or sample a run on another device layout than it trained on."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  return {
+      'mesh': flags.DEFINE_string(
+          'mesh', None, "Mesh axis sizes replacing the run's parallel.mesh, e.g. 'fsdp=8' or "
+          "'data=1' (one device); unnamed axes are 1, data takes the rest unless set."),
+      'dcn_mesh': flags.DEFINE_string('dcn_mesh', None,
+                                      "Likewise for parallel.dcn_mesh (default with --mesh: "
+                                      'none).'),
+  }
+
+
+def parse_sizes(flag: str, text: str) -> dict[str, int]:
+  """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2}; raises ConfigError naming the flag."""
+  from jaxformer.config import ConfigError  # pylint: disable=import-outside-toplevel
+  sizes = {}
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    name, sep, value = item.partition('=')
+    try:
+      sizes[name.strip()] = int(value)
+    except ValueError:
+      sep = ''
+    if not sep:
+      raise ConfigError(f'--{flag}={text!r} is invalid: expected axis=size pairs separated by '
+                        "commas, e.g. 'fsdp=4,tensor=2'")
+  return sizes
+
+
+def with_mesh(config, flag_values):
+  """`config` (a mapping) with parallel.mesh / dcn_mesh replaced per `define_mesh_flags`."""
+  mesh, dcn = flag_values['mesh'].value, flag_values['dcn_mesh'].value
+  if mesh is None and dcn is None:
+    return config
+  config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  parallel = dict(config.get('parallel', {}))
+  if mesh is not None:
+    parallel['mesh'] = parse_sizes('mesh', mesh)
+    parallel['dcn_mesh'] = {}
+  if dcn is not None:
+    parallel['dcn_mesh'] = parse_sizes('dcn_mesh', dcn)
+  config['parallel'] = parallel
+  return config
+
+
 def load_run_config(workdir: str, config=None):
   """The given config, or the resolved config a run saved in its workdir."""
   if config is not None:
     return config
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  from jaxformer.train.workdir import as_path  # pylint: disable=import-outside-toplevel
+  path = as_path(workdir) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: --workdir must be a jaxformer run directory '
                             '(or pass --config)')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Joins a multi-host job through `jax.distributed.initialize()`.
+def define_distributed_flags():
+  """--multihost and the explicit --coordinator_address / --num_processes / --process_id."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  return {
+      'multihost': flags.DEFINE_bool(
+          'multihost', False, 'Join a multi-host job with jax.distributed.initialize(), '
+          'detecting a Cloud TPU VM slice or a SLURM / MPI job.'),
+      'coordinator_address': flags.DEFINE_string(
+          'coordinator_address', None, 'HOST:PORT of process 0 (with --num_processes and '
+          '--process_id; or JAX_COORDINATOR_ADDRESS).'),
+      'num_processes': flags.DEFINE_integer('num_processes', None,
+                                            'Number of processes in the job.'),
+      'process_id': flags.DEFINE_integer('process_id', None, 'This process, 0-based.'),
+  }
 
-  With no arguments JAX discovers the coordinator on Cloud TPU VMs and under SLURM / Open MPI;
-  elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see launch/).
-  """
-  if not enabled:
-    return
-  import jax
-  kwargs = {}
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-                  num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-                  process_id=int(os.environ['JAX_PROCESS_ID']))
-  jax.distributed.initialize(**kwargs)
-  logging.getLogger('jaxformer').info('process %d of %d, %d local / %d global devices',
-                                      jax.process_index(), jax.process_count(),
-                                      jax.local_device_count(), jax.device_count())
+
+def initialize_distributed(flag_values) -> None:
+  """Joins a multi-host job per the flags of `define_distributed_flags` (or the JAX_*
+  environment); logging from processes other than 0 is reduced to warnings."""
+  from jaxformer.parallel import distributed  # pylint: disable=import-outside-toplevel
+  joined = distributed.initialize(
+      coordinator_address=flag_values['coordinator_address'].value,
+      num_processes=flag_values['num_processes'].value,
+      process_id=flag_values['process_id'].value, auto=flag_values['multihost'].value)
+  if joined and not distributed.is_primary():
+    logging.getLogger('jaxformer').setLevel(logging.WARNING)

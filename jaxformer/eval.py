@@ -1,8 +1,10 @@
 """python -m jaxformer.eval --workdir=DIR [--split=test] [--batches=N] [--config=FILE[:arg]]
+       [--mesh=fsdp=8,tensor=1] [--multihost | --coordinator_address=... ...]
 
 Evaluates the latest checkpoint of a run on one split and prints the metrics (loss, accuracy,
 perplexity and, for byte-level data, bits per byte). The config defaults to the resolved config
-the run saved in DIR/config.json.
+the run saved in DIR/config.json; `--mesh` evaluates on another layout or device count (the
+checkpoint is read straight into the new shardings).
 """
 
 import json
@@ -10,10 +12,13 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxformer.cli import load_run_config, setup_logging
+from jaxformer.cli import (define_distributed_flags, define_mesh_flags, initialize_distributed,
+                           load_run_config, setup_logging, with_mesh)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the run\'s own.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
+_DISTRIBUTED = define_distributed_flags()
+_MESH = define_mesh_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
 _BATCHES = flags.DEFINE_integer('batches', 32,
                                 'Number of batches (<= one pass; -1: the whole split).')
@@ -22,8 +27,10 @@ _BATCHES = flags.DEFINE_integer('batches', 32,
 def main(argv):
   del argv
   setup_logging()
+  initialize_distributed(_DISTRIBUTED)
   from jaxformer.train.trainer import Trainer
-  trainer = Trainer(load_run_config(_WORKDIR.value, _CONFIG.value), _WORKDIR.value)
+  config = with_mesh(load_run_config(_WORKDIR.value, _CONFIG.value), _MESH)
+  trainer = Trainer(config, _WORKDIR.value, mode='eval')
   if trainer.ckpt.latest_step() is None:
     raise SystemExit(f'no checkpoint in {trainer.ckpt.directory}: nothing to evaluate')
   metrics = trainer.evaluate(_SPLIT.value, _BATCHES.value)

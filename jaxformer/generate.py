@@ -8,10 +8,13 @@ Samples a continuation of the prompt from the latest checkpoint of a language-mo
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxformer.cli import load_run_config, setup_logging
+from jaxformer.cli import (define_distributed_flags, define_mesh_flags, initialize_distributed,
+                           load_run_config, setup_logging, with_mesh)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the run\'s own.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
+_DISTRIBUTED = define_distributed_flags()
+_MESH = define_mesh_flags()
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0 = greedy).')
@@ -23,9 +26,10 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 def main(argv):
   del argv
   setup_logging()
+  initialize_distributed(_DISTRIBUTED)
   from jaxformer.train.trainer import Trainer
-  config = load_run_config(_WORKDIR.value, _CONFIG.value)
-  trainer = Trainer(config, _WORKDIR.value)
+  config = with_mesh(load_run_config(_WORKDIR.value, _CONFIG.value), _MESH)
+  trainer = Trainer(config, _WORKDIR.value, mode='eval')
   if trainer.ckpt.latest_step() is None:
     raise SystemExit(f'no checkpoint in {trainer.ckpt.directory}: train first')
   if trainer.exp.data.task != 'lm':

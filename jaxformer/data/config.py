@@ -62,6 +62,8 @@ class DataConfig:
   read_threads: int = 2
   prefetch: int = 2
   worker_count: int = 0
+  # data shards a global batch is drawn from (jaxformer.data.shards); 0: one per process
+  num_shards: int = 0
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any] | None = None, **overrides) -> 'DataConfig':
@@ -95,7 +97,7 @@ class DataConfig:
         fail(f'data.{name}', getattr(self, name), 'must be a positive integer')
     if self.target_len is not None and self.target_len <= 0:
       fail('data.target_len', self.target_len, 'must be a positive integer or None')
-    for name in ('extra_ids', 'read_threads', 'prefetch', 'worker_count'):
+    for name in ('extra_ids', 'read_threads', 'prefetch', 'worker_count', 'num_shards'):
       if getattr(self, name) < 0:
         fail(f'data.{name}', getattr(self, name), 'must be >= 0')
     for name in ('mlm_probability', 'noise_density', 'bart_mask_ratio'):

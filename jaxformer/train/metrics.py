@@ -32,6 +32,9 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import numpy as np
+from etils import epath
+
+from jaxformer.train.workdir import is_remote
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets; sparsity not counted).
 PEAK_FLOPS: dict[str, float | None] = {
@@ -136,14 +139,14 @@ class MetricWriter:
       import jax  # pylint: disable=import-outside-toplevel
       enabled = jax.process_index() == 0
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / 'metrics.jsonl'
-    self.tensorboard_dir = pathlib.Path(workdir) / 'tensorboard'
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.tensorboard_dir = epath.Path(workdir) / 'tensorboard'
     self._file = None
     self._tb = None
     if not enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    self._file = _JsonLines(self.path)
     if use_tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), flush_secs=30)
@@ -155,16 +158,13 @@ class MetricWriter:
     values = {name: _scalar(v) for name, v in scalars.items()}
     if not self.enabled:
       return values
-    self._file.write(json.dumps({'step': int(step), **values}) + '\n')
-    self._file.flush()
+    self._file.append(json.dumps({'step': int(step), **values}))
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, value, global_step=int(step))
     return values
 
   def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
@@ -183,10 +183,35 @@ class MetricWriter:
     self.close()
 
 
+class _JsonLines:
+  """Appends lines to a local file; on an object store (gs://), which cannot append, keeps the
+  lines and rewrites the object after each one (metrics files are small)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self.local = not is_remote(path)
+    if self.local:
+      self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    else:
+      self._lines = path.read_text().splitlines() if path.exists() else []
+
+  def append(self, line: str) -> None:
+    if self.local:
+      self._file.write(line + '\n')
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self.path.write_text('\n'.join(self._lines) + '\n')
+
+  def close(self) -> None:
+    if self.local:
+      self._file.close()
+
+
 def read_metrics(path) -> list[dict[str, Any]]:
   """The records of a metrics.jsonl file, in order (a resumed run may repeat steps)."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = epath.Path(path).read_text(encoding='utf-8')
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _masked_crc32c(data: bytes) -> int:
@@ -264,8 +289,9 @@ class ProgressBar:
   def __init__(self, total_steps: int, *, initial_step: int = 0,
                keys: tuple[str, ...] = ('loss', 'lr', 'tokens_per_s', 'mfu'),
                enabled: bool | None = None, stream: TextIO | None = None,
-               clock=time.perf_counter):
+               clock=time.perf_counter, silent: bool = False):
     self.total_steps = total_steps
+    self.silent = silent  # other processes of a multi-host run print nothing
     self.keys = keys
     self.stream = stream if stream is not None else sys.stderr
     if enabled is None:
@@ -288,7 +314,7 @@ class ProgressBar:
       if scalars:
         self._bar.set_postfix_str(' | '.join(self._shown(scalars)), refresh=True)
       return
-    if not scalars:
+    if not scalars or self.silent:
       return
     now = self._clock()
     parts = [f'step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.1f}%)']
@@ -305,7 +331,7 @@ class ProgressBar:
     """A line above the bar (or a plain line when no bar is drawn)."""
     if self._bar is not None:
       self._bar.write(message, file=self.stream)
-    else:
+    elif not self.silent:
       print(message, file=self.stream, flush=True)
 
   def close(self) -> None:

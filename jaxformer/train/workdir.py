@@ -1,7 +1,9 @@
 """The run's work directory: checked for writes before any compute, and its records.
 
 `prepare_workdir` fails in the first second of a run, with the path, the OS error and what to
-do, instead of after hours of training at the first checkpoint. The records written next to
+do, instead of after hours of training at the first checkpoint. Paths are `etils.epath` paths:
+a local folder, or an object-store URL such as `gs://bucket/run` (kept as a URL, never turned
+into a local path) that every host of a multi-host job writes to. The records written next to
 the checkpoints let a reader tell what produced them:
 
   config.json  the resolved config as JSON (sorted keys; `config_hash` hashes this form)
@@ -15,12 +17,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 import socket
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from jaxformer.train.checkpoint import flatten
 
@@ -29,19 +31,40 @@ class WorkdirError(RuntimeError):
   """The work directory cannot be created or written."""
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-  """Writes via a temporary file and a rename, so readers never see half a file."""
+REMOTE_PREFIXES = ('gs://', 's3://')
+
+
+def is_remote(path) -> bool:
+  """Whether `path` is on an object store (no append, no atomic rename of folders)."""
+  return str(path).startswith(REMOTE_PREFIXES)
+
+
+def as_path(path) -> epath.Path:
+  """An epath.Path: object-store URLs as they are, local paths made absolute."""
+  if is_remote(path):
+    return epath.Path(str(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def write_text(path, text: str) -> None:
+  """Writes via a temporary file and a rename, so readers never see half a file (an object
+  store writes an object whole by itself)."""
+  path = epath.Path(path)
+  if is_remote(path):
+    path.write_text(text)
+    return
   tmp = path.with_name(f'.{path.name}.tmp.{os.getpid()}')
   tmp.write_text(text)
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
-def prepare_workdir(path) -> pathlib.Path:
+def prepare_workdir(path) -> epath.Path:
   """Creates `path` (and parents) and proves it writable by writing and deleting a probe file.
 
-  Returns the absolute path. Raises `WorkdirError` naming the path and the OS error.
+  Returns the absolute path (an object-store URL unchanged). Raises `WorkdirError` naming the
+  path and the OS error.
   """
-  path = pathlib.Path(path).expanduser().absolute()
+  path = as_path(path)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f'.write_probe.{socket.gethostname()}.{os.getpid()}'
@@ -80,12 +103,12 @@ def config_hash(config) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_config(workdir, config) -> pathlib.Path:
+def save_config(workdir, config) -> epath.Path:
   """Writes config.json and config.txt into `workdir`; returns the path of config.json."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   path = workdir / 'config.json'
-  _write_text(path, json.dumps(to_plain(config), indent=2, sort_keys=True) + '\n')
-  _write_text(workdir / 'config.txt', repr(config) + '\n')
+  write_text(path, json.dumps(to_plain(config), indent=2, sort_keys=True) + '\n')
+  write_text(workdir / 'config.txt', repr(config) + '\n')
   return path
 
 
@@ -127,8 +150,8 @@ def param_summary(state) -> str:
   return '\n'.join(lines)
 
 
-def save_param_summary(workdir, state) -> pathlib.Path:
+def save_param_summary(workdir, state) -> epath.Path:
   """Writes `param_summary(state)` to params.txt in `workdir`; returns its path."""
-  path = pathlib.Path(workdir) / 'params.txt'
-  _write_text(path, param_summary(state) + '\n')
+  path = epath.Path(workdir) / 'params.txt'
+  write_text(path, param_summary(state) + '\n')
   return path
