@@ -15,6 +15,11 @@ Both compute the same function as the reference 'xla' core (`core.dot_product_at
 
 `impl='auto'` (see `registry.resolve_impl`) picks cuDNN, then Pallas, on GPU; Pallas on TPU; the
 XLA reference on CPU; each only when it provides every feature the model needs.
+
+Under a device mesh both run inside `jax.shard_map` over the batch and head axes
+(`jaxformer.parallel.sharding.shard_kernel`): XLA cannot partition a custom kernel call, and
+would otherwise gather q, k and v onto every device. Attention is independent across batch rows
+and heads, so each device runs the kernel on its slice with no communication.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig
 from jaxformer.kernels import flash_attention as fa
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import shard_kernel
+
+# Logical names of the kernel arguments, for shard_kernel.
+_NAMES = {
+    'q': R.QUERIES, 'k': R.KEYS, 'v': R.KEYS,
+    'q_segment_ids': (R.BATCH, None), 'kv_segment_ids': (R.BATCH, None),
+    'q_positions': (R.BATCH, None), 'kv_positions': (R.BATCH, None),
+    'bias': (R.BATCH, R.HEADS, None, None), 'mask': (R.BATCH, None, None, None),
+}
 
 _NO_DROPOUT = ('a fused kernel draws no dropout pattern that could reproduce the reference '
                "core's; use impl 'xla' for attention dropout")
@@ -84,11 +99,14 @@ class PallasDotProductAttention(nnx.Module):
     del deterministic, dropout_rng, unused  # dropout is refused at build time
     _no_extra(mask, 'pallas')
     mask = AttentionMask() if mask is None else mask
-    return fa.flash_attention(
-        q, k, v, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
-        q_positions=mask.q_positions, kv_positions=mask.kv_positions, causal=mask.causal,
-        window=mask.window, scale=self.scale, logit_softcap=self.logit_softcap, bias=bias,
-        block_sizes=self.block_sizes, schedule=self.schedule, interpret=self.interpret)
+    args = dict(q=q, k=k, v=v, q_segment_ids=mask.q_segment_ids,
+                kv_segment_ids=mask.kv_segment_ids, q_positions=mask.q_positions,
+                kv_positions=mask.kv_positions, bias=bias)
+    kernel = lambda **a: fa.flash_attention(  # noqa: E731
+        **a, causal=mask.causal, window=mask.window, scale=self.scale,
+        logit_softcap=self.logit_softcap, block_sizes=self.block_sizes, schedule=self.schedule,
+        interpret=self.interpret)
+    return shard_kernel(kernel, args, _NAMES, R.QUERIES)
 
 
 def cudnn_arguments(q_len: int, kv_len: int, mask: AttentionMask | None) -> dict:
@@ -156,9 +174,15 @@ class CudnnDotProductAttention(nnx.Module):
       args['mask'] = jnp.broadcast_to(args['mask'], (q.shape[0], 1) + args['mask'].shape[2:])
     if bias is not None:
       bias = bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
-                                       implementation=self.implementation, **args)
-    if 'mask' in args:
-      # A query row that sees no key (padding) returns 0, as in the reference core.
-      out = jnp.where(jnp.any(args['mask'], axis=-1)[:, 0, :, None, None], out, 0)
-    return out
+    flags = {k: args.pop(k) for k in ('is_causal', 'local_window_size') if k in args}
+
+    def kernel(q, k, v, bias=None, mask=None):
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                         implementation=self.implementation, **flags)
+      if mask is not None:
+        # A query row that sees no key (padding) returns 0, as in the reference core.
+        out = jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0)
+      return out
+
+    return shard_kernel(kernel, dict(q=q, k=k, v=v, bias=bias, mask=args.get('mask')), _NAMES,
+                        R.QUERIES)
