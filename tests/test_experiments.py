@@ -39,3 +39,21 @@ def test_flash_benchmark_writes_csv_and_plot(tmp_path):
     assert float(r['tflops']) == pytest.approx(want / 1e12)
     assert float(r['tflops_per_s']) == pytest.approx(float(r['tflops']) / float(r['seconds']))
   assert os.path.getsize(out[:-4] + '.png') > 1000
+
+
+def test_parallel_layouts_writes_csv_plot_and_matches_the_textbook(tmp_path):
+  import parallel_layouts  # noqa: E402  (experiments/parallel_layouts.py)
+  out = str(tmp_path / 'layouts.csv')
+  rows = parallel_layouts.main(['--tiny', '--out', out])
+  with open(out) as f:
+    saved = list(csv.DictReader(f))
+  assert [r['layout'] for r in saved] == list(parallel_layouts.LAYOUTS)
+  by = {r['layout']: r for r in rows}
+  # FSDP keeps 1/8 of parameters and optimizer state per device, data parallelism all of it.
+  assert by['fsdp8']['param_bytes'] * 8 == pytest.approx(by['dp8']['param_bytes'], rel=0.05)
+  # Pure data parallelism and pure FSDP move what the textbook says (small extra reductions of
+  # the loss, metrics and norms aside).
+  for name in ('dp8', 'fsdp8'):
+    assert 0.9 < by[name]['ratio'] < 1.3, by[name]
+  assert by['tp8']['all_reduce_bytes'] > 0 and by['fsdp8']['all_gather_bytes'] > 0
+  assert os.path.getsize(out[:-4] + '.png') > 1000
