@@ -12,6 +12,7 @@ which this command guarantees), so a pod layout can be planned on a laptop.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
@@ -54,8 +55,7 @@ def parameter_rows(program) -> list[dict[str, Any]]:
     shard = sharding.shard_shape(value.shape)
     rows.append({'path': path_str(path), 'names': names_of(var), 'spec': sharding.spec,
                  'shape': tuple(value.shape), 'shard': tuple(shard),
-                 'bytes': int(jax.numpy.dtype(value.dtype).itemsize
-                              * max(1, int(__import__('math').prod(shard))))})
+                 'bytes': jax.numpy.dtype(value.dtype).itemsize * math.prod(shard)})
   return rows
 
 

@@ -48,6 +48,7 @@ def names_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
 
 
 def path_str(path) -> str:
+  """'a/0/b' for a jax key path; the trailing `.value` of NNX variables is dropped."""
   parts = []
   for key in path:
     for attr in ('key', 'name', 'idx'):
@@ -56,6 +57,8 @@ def path_str(path) -> str:
         break
     else:
       parts.append(str(key))
+  if len(parts) > 1 and parts[-1] == 'value':
+    parts.pop()
   return '/'.join(parts)
 
 

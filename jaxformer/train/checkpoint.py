@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxformer.parallel import distributed
+from jaxformer.parallel.sharding import path_str
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +72,6 @@ class DataStateError(ValueError):
 
 class NonFiniteError(FloatingPointError):
   """A state holds NaN or Inf and must not be written over a good checkpoint."""
-
-
-def path_str(path) -> str:
-  """'a/0/b' for a jax key path; the trailing `.value` of NNX variables is dropped."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  if len(parts) > 1 and parts[-1] == 'value':
-    parts.pop()
-  return '/'.join(parts)
 
 
 def flatten(tree) -> dict[str, Any]:
