@@ -17,8 +17,10 @@ P parameter bytes, D model width, mesh data x fsdp x tensor = d x f x t):
                    reduce-scattered: 3 P / t
   tensor parallel  4 all-reduces of the [B / (d f), T, D] activations per layer (2 forward,
                    2 backward; Megatron): 16 L B T D / (d f)
-The ratio measured / textbook is what the README reports. Compilation takes about a minute per
-layout on 2 CPU cores for the default shape. Writes the CSV to --out, a bar chart next to it
+The ratio measured / textbook is what the README reports; docs/benchmarks.md explains where XLA
+departs from the textbook schedule. `layer_param_bytes` (the scanned layers' weights, unsharded)
+is what FSDP must gather twice and reduce once. Compiling all five layouts of the default shape
+takes about half a minute on 2 CPU cores. Writes the CSV to --out, a bar chart next to it
 (.png) and prints a markdown table.
 """
 
@@ -43,7 +45,7 @@ SHAPES = {
     'tiny': dict(d=64, layers=2, heads=8, kv=8, head_dim=8, ffn=128, vocab=512, seq=32, batch=8),
 }
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-FIELDS = ('layout', 'mesh', 'params', 'param_bytes', 'opt_bytes', 'temp_bytes',
+FIELDS = ('layout', 'mesh', 'params', 'layer_param_bytes', 'param_bytes', 'opt_bytes', 'temp_bytes',
           *(k.replace('-', '_') + '_bytes' for k in KINDS), 'collective_bytes', 'traffic_bytes',
           'textbook_bytes', 'ratio', 'backend')
 
@@ -89,7 +91,9 @@ def measure(name: str, shape: dict) -> dict:
   from jaxformer.parallel.plan import plan
   p = plan(config(shape, LAYOUTS[name]))
   mesh = p['mesh_shape']
+  layers = sum(r['bytes'] * _shards(r) for r in p['parameters'] if r['path'].startswith('stack/'))
   row = {'layout': name, 'mesh': p['mesh'].split(' (')[0], 'params': p['num_params'],
+         'layer_param_bytes': layers,
          'param_bytes': p['param_bytes'], 'opt_bytes': p['opt_bytes'],
          'temp_bytes': p['memory']['temp'], 'backend': jax.default_backend()}
   for kind in KINDS:
@@ -99,6 +103,14 @@ def measure(name: str, shape: dict) -> dict:
   row['textbook_bytes'] = int(textbook(shape, mesh, p['param_bytes_unsharded']))
   row['ratio'] = round(row['collective_bytes'] / max(row['textbook_bytes'], 1), 3)
   return row
+
+
+def _shards(row) -> int:
+  """How many pieces a parameter row of the plan is cut into (unsharded bytes / per-device)."""
+  whole, piece = 1, 1
+  for a, b in zip(row['shape'], row['shard']):
+    whole, piece = whole * a, piece * b
+  return whole // piece
 
 
 def plot(rows, png, title):

@@ -251,6 +251,10 @@ class Attention(nnx.Module):
     return self._output(out), new_cache
 
   def _output(self, out):
+    # Heads split and the length whole, as the queries: with sequence parallelism the result is
+    # length-split (RESIDUAL), and without this pin XLA carries that layout back into the
+    # attention core's backward pass and reshards the [B, K, G, T, S] probabilities there.
+    out = constrain(out, R.QUERIES)
     y = jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(self.dtype))
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)
