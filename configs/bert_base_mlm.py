@@ -20,6 +20,7 @@ Expected result: not yet measured.
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -29,10 +30,7 @@ SIZES = {'tiny': dict(d=32, layers=2, heads=2, seq=64, batch=8, steps=2, lr=1e-3
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'base'}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  if set(opts) != {'size'} or opts['size'] not in SIZES:
-    raise ValueError(f'config arg {arg!r} is invalid: the option is size, one of {list(SIZES)}')
+  opts = parse_config_arg(arg, {'size': ('base', SIZES)})
   s = SIZES[opts['size']]
   model = family_dict(
       'bert', vocab_size=260, pad_id=0, d_model=s['d'], num_layers=s['layers'],
@@ -43,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               mlm_probability=0.15)
   optim = dict(optimizer='adamw', lr=s['lr'], b2=0.999, eps=1e-6, weight_decay=0.01,
                schedule='warmup_linear', warmup_steps=max(1, s['steps'] // 20),
-               total_steps=s['steps'], grad_clip_norm=1.0)
+               grad_clip_norm=1.0)
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
                eval_every=max(2, s['steps'] // 10), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 10), test_batches=16)

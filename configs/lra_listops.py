@@ -41,6 +41,7 @@ and the data are regenerated from a seed by the same rules rather than read from
 import ml_collections
 
 from jaxformer.attention import registry
+from jaxformer.config import ConfigError, parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -69,20 +70,12 @@ def padding_kinds() -> list[str]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'full', 'kind': 'dot_product'}
-  given = dict(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  unknown = sorted(set(given) - set(opts))
-  if unknown:
-    raise ValueError(f'config arg {arg!r} is invalid: unknown option(s) {unknown}; the options '
-                     f'are size (one of {list(SIZES)}) and kind')
-  opts.update(given)
-  if opts['size'] not in SIZES:
-    raise ValueError(f'config arg {arg!r} is invalid: size must be one of {list(SIZES)}')
+  opts = parse_config_arg(arg, {'size': ('full', SIZES), 'kind': ('dot_product', None)})
   kind, _, impl = opts['kind'].partition('/')
   impl = impl or 'xla'
   if (kind, impl) not in registry.entries() or \
       'padding' not in registry.lookup(kind, impl).features:
-    raise ValueError(f'config arg {arg!r} is invalid: kind={opts["kind"]!r} is not a registered '
+    raise ConfigError(f'config arg {arg!r} is invalid: kind={opts["kind"]!r} is not a registered '
                      f'attention core that supports padding; allowed: {padding_kinds()}')
   core = registry.lookup(kind, impl)
   tiny = opts['size'] == 'tiny'
@@ -101,8 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = dict(name='listops', task='classification', tokenizer='listops', extra_ids=0,
               seq_len=s['seq'], builder_config=s['data'])
   optim = dict(optimizer='adamw', lr=s['lr'], b1=0.9, b2=0.98, eps=1e-9,
-               weight_decay=0.1, schedule='inverse_sqrt', warmup_steps=s['warmup'],
-               total_steps=s['steps'])
+               weight_decay=0.1, schedule='inverse_sqrt', warmup_steps=s['warmup'])
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
                eval_every=max(2, s['steps'] // 20), eval_batches=2 if tiny else 20,
                checkpoint_every=max(2, s['steps'] // 5), test_batches=2 if tiny else -1)

@@ -25,6 +25,7 @@ Expected results: not yet measured.
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -38,12 +39,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {k: v[0] for k, v in OPTIONS.items()}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  for key, value in opts.items():
-    if value not in OPTIONS.get(key, ()):
-      raise ValueError(f'config arg {arg!r} is invalid: {key}={value!r}; the options are '
-                       f'{OPTIONS}')
+  opts = parse_config_arg(arg, {k: (v[0], v) for k, v in OPTIONS.items()})
   s = SIZES[opts['size']]
   images = opts['data'] == 'images'
   seq = s['listops_len']
@@ -64,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       data['builder_config'] = dict(num_train=120, num_validation=40, num_test=40,
                                     min_length=20, max_length=seq)
   optim = dict(optimizer='adamw', lr=s['lr'], weight_decay=0.05, schedule='warmup_cosine',
-               warmup_steps=max(1, s['steps'] // 20), total_steps=s['steps'], grad_clip_norm=1.0)
+               warmup_steps=max(1, s['steps'] // 20), grad_clip_norm=1.0)
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 50),
                eval_every=max(2, s['steps'] // 5), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 5), test_batches=16, label_smoothing=0.1)

@@ -13,15 +13,13 @@ Presets: `:size=tiny` (seconds; the test suite runs it for 2 steps).
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  size = dict(kv.split('=') for kv in arg.split(','))['size'] if arg else 'small'
-  if size not in ('tiny', 'small'):
-    raise ValueError(f"size={size!r} is invalid: allowed values are ['tiny', 'small']")
-  tiny = size == 'tiny'
+  tiny = parse_config_arg(arg, {'size': ('small', ('tiny', 'small'))})['size'] == 'tiny'
   seq_len = 32 if tiny else 256
   steps = 2 if tiny else 2400
   model = family_dict(
@@ -31,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ffn=dict(hidden_dim=64 if tiny else 384), tie_embeddings=True)
   data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=seq_len)
   optim = dict(optimizer='adamw', lr=3e-3, b2=0.99, weight_decay=0.1, schedule='warmup_cosine',
-               warmup_steps=1 if tiny else 60, total_steps=steps, end_lr_ratio=0.1,
+               warmup_steps=1 if tiny else 60, end_lr_ratio=0.1,
                grad_clip_norm=1.0)
   train = dict(
       batch_size=4 if tiny else 8, steps=steps, log_every=1 if tiny else 100,

@@ -22,6 +22,7 @@ Expected results: not yet measured.
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -34,10 +35,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'small'}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  if set(opts) != {'size'} or opts['size'] not in SIZES:
-    raise ValueError(f'config arg {arg!r} is invalid: the option is size, one of {list(SIZES)}')
+  opts = parse_config_arg(arg, {'size': ('small', SIZES)})
   s = SIZES[opts['size']]
   model = family_dict(
       'reformer', vocab_size=260, d_model=s['d'], num_layers=s['layers'], max_length=s['seq'],
@@ -48,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=s['seq'])
   optim = dict(optimizer='adamw', lr=s['lr'], b2=0.98, weight_decay=0.01,
                schedule='warmup_cosine', warmup_steps=max(1, s['steps'] // 20),
-               total_steps=s['steps'], end_lr_ratio=0.1, grad_clip_norm=1.0)
+               end_lr_ratio=0.1, grad_clip_norm=1.0)
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
                eval_every=max(2, s['steps'] // 10), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 10), test_batches=16, sample_tokens=0)

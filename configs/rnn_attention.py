@@ -27,6 +27,7 @@ translation data this offline set does not have.
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -36,12 +37,7 @@ OPTIONS = {'size': ('small', 'tiny'), 'cell': ('gru', 'lstm'),
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {k: v[0] for k, v in OPTIONS.items()}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  for key, value in opts.items():
-    if value not in OPTIONS.get(key, ()):
-      raise ValueError(f'config arg {arg!r} is invalid: {key}={value!r}; the options are '
-                       f'{OPTIONS}')
+  opts = parse_config_arg(arg, {k: (v[0], v) for k, v in OPTIONS.items()})
   tiny = opts['size'] == 'tiny'
   width = 16 if tiny else 64
   model = family_dict('rnn', vocab_size=260, d_model=width, max_length=32, init_std=0.1,
@@ -52,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   num_test=512))
   steps = 2 if tiny else 1500
   optim = dict(optimizer='adamw', lr=3e-3, b2=0.98, schedule='warmup_cosine',
-               warmup_steps=1 if tiny else 100, total_steps=steps, end_lr_ratio=0.05,
+               warmup_steps=1 if tiny else 100, end_lr_ratio=0.05,
                grad_clip_norm=1.0)
   train = dict(batch_size=8 if tiny else 64, steps=steps, log_every=max(1, steps // 30),
                eval_every=max(2, steps // 3), eval_batches=8,

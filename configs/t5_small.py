@@ -22,6 +22,7 @@ passes over the 10.6M training bytes (fresh spans every pass). Expected result: 
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -31,10 +32,7 @@ SIZES = {'tiny': dict(d=32, layers=2, heads=2, head_dim=16, ffn=64, seq=64, batc
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'small'}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  if set(opts) != {'size'} or opts['size'] not in SIZES:
-    raise ValueError(f'config arg {arg!r} is invalid: the option is size, one of {list(SIZES)}')
+  opts = parse_config_arg(arg, {'size': ('small', SIZES)})
   s = SIZES[opts['size']]
   model = family_dict(
       't5_v1_1', vocab_size=360, d_model=s['d'], num_layers=s['layers'], max_length=s['seq'],
@@ -43,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = dict(name='python_stdlib', task='span_corruption', tokenizer='byte', extra_ids=100,
               seq_len=s['seq'], noise_density=0.15, mean_noise_span_length=3.0)
   optim = dict(optimizer='adafactor', lr=1e-2, schedule='inverse_sqrt',
-               warmup_steps=max(1, s['steps'] // 10), total_steps=s['steps'])
+               warmup_steps=max(1, s['steps'] // 10))
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
                eval_every=max(2, s['steps'] // 10), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 10), test_batches=16)

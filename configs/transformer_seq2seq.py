@@ -23,6 +23,7 @@ Presets (`:size=`):
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -34,11 +35,7 @@ TASKS = ('copy', 'reverse', 'sort', 'addition')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'small', 'task': 'reverse'}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  if set(opts) != {'size', 'task'} or opts['size'] not in SIZES or opts['task'] not in TASKS:
-    raise ValueError(f'config arg {arg!r} is invalid: the options are size, one of '
-                     f'{list(SIZES)}, and task, one of {list(TASKS)}')
+  opts = parse_config_arg(arg, {'size': ('small', SIZES), 'task': ('reverse', TASKS)})
   size, s = opts['size'], SIZES[opts['size']]
   base = size == 'base'
   model = family_dict(
@@ -51,10 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   num_test=512))
   if base:
     optim = dict(optimizer='adam', lr=(s['d'] * s['warmup']) ** -0.5, b2=0.98, eps=1e-9,
-                 schedule='inverse_sqrt', warmup_steps=s['warmup'], total_steps=s['steps'])
+                 schedule='inverse_sqrt', warmup_steps=s['warmup'])
   else:
     optim = dict(optimizer='adamw', lr=1e-3, b2=0.98, schedule='warmup_cosine',
-                 warmup_steps=s['warmup'], total_steps=s['steps'], end_lr_ratio=0.05,
+                 warmup_steps=s['warmup'], end_lr_ratio=0.05,
                  grad_clip_norm=1.0)
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 30),
                eval_every=max(2, s['steps'] // 3), eval_batches=8,

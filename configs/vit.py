@@ -27,6 +27,7 @@ from-scratch settings for small data (Touvron et al. 2021): weight decay 0.05, l
 
 import ml_collections
 
+from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
 
@@ -40,10 +41,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = {'size': 'small'}
-  opts.update(kv.split('=', 1) for kv in (arg or '').split(',') if kv)
-  if set(opts) != {'size'} or opts['size'] not in SIZES:
-    raise ValueError(f'config arg {arg!r} is invalid: the option is size, one of {list(SIZES)}')
+  opts = parse_config_arg(arg, {'size': ('small', SIZES)})
   s = SIZES[opts['size']]
   image = 32
   model = family_dict(
@@ -52,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pooler=False, drop_path=s['drop_path'], max_length=(image // s['patch']) ** 2 + 1)
   data = dict(name='synthetic_images', task='classification', seq_len=1)
   optim = dict(optimizer='adamw', lr=s['lr'], weight_decay=0.05, schedule='warmup_cosine',
-               warmup_steps=max(1, s['steps'] // 20), total_steps=s['steps'], grad_clip_norm=1.0)
+               warmup_steps=max(1, s['steps'] // 20), grad_clip_norm=1.0)
   train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 50),
                eval_every=max(2, s['steps'] // 5), eval_batches=16,
                checkpoint_every=max(2, s['steps'] // 5), test_batches=16, label_smoothing=0.1)

@@ -1,4 +1,12 @@
-"""Shared command-line plumbing for `python -m jaxformer.{train,eval,generate}`."""
+"""Shared command-line plumbing for `python -m jaxformer.{train,eval,generate,parallel.plan}`.
+
+`run(main)` is how every command starts: it checks the config file's argument and every
+`--config.a.b=v` override before absl parses them, and turns the errors jaxformer raises on
+purpose for bad input (`user_errors()`: invalid configs, unwritable or locked workdirs,
+incompatible or unreadable checkpoints, missing data, ...) into one line on stderr and exit
+status 2. Anything else is a bug and keeps its traceback; `--debug` (or JAXFORMER_DEBUG=1) keeps
+the traceback for every error.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,69 @@ import logging
 import os
 import sys
 import warnings
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions that report bad input (their message says what to do), not bugs."""
+  from jaxformer.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxformer.data.sources import DataUnavailableError  # pylint: disable=import-outside-toplevel
+  from jaxformer.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from jaxformer.train import workdir  # pylint: disable=import-outside-toplevel
+  from jaxformer.train.trainer import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  return (ConfigError, DataUnavailableError, checkpoint.CheckpointError,
+          checkpoint.IncompatibleCheckpointError, checkpoint.DataStateError,
+          workdir.WorkdirError, NonFiniteLossError, FileNotFoundError)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_overrides(argv: list[str], flag: str = 'config') -> None:
+  """Loads `--config=file[:arg]` and checks that every `--config.a.b=v` names a field.
+
+  Raises ConfigError (or the config file's own error for a bad argument) naming the override
+  and the fields that exist, before absl would fail on them with a traceback.
+  """
+  spec = _flag_value(argv, flag)
+  if spec is None:
+    return
+  from jaxformer.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxformer.train.experiment import load_config  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(':')
+  config = load_config(path, arg or None)
+  for word in argv:
+    if not word.startswith(f'--{flag}.'):
+      continue
+    dotted = word[len(flag) + 3:].split('=', 1)[0]
+    node, seen = config, flag
+    for part in dotted.split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        raise ConfigError(f'--{flag}.{dotted} is invalid: {seen} has no field {part!r}; its '
+                          f'fields are {sorted(keys)}' if keys else
+                          f'--{flag}.{dotted} is invalid: {seen} is a value, not a section')
+      node, seen = node[part], f'{seen}.{part}'
+
+
+def run(main) -> None:
+  """absl's `app.run(main)` with the checks and the error reporting of the module docstring."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  debug = '--debug' in sys.argv or bool(os.environ.get('JAXFORMER_DEBUG'))
+  argv = [a for a in sys.argv if a != '--debug']
+  try:
+    check_config_overrides(argv)
+    app.run(main, argv=argv)
+  except user_errors() as error:  # pylint: disable=catching-non-exception
+    if debug:
+      raise
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def setup_logging() -> None:

@@ -26,6 +26,34 @@ def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
   raise ConfigError(f'{field}={value!r} is invalid: {allowed}')
 
 
+def parse_config_arg(arg: str | None, options: Mapping[str, tuple[str, Any]]) -> dict[str, str]:
+  """The `:key=value,...` argument of `--config=file.py:arg`, checked against `options`.
+
+  `options` maps each option to (default, allowed values or None for any value). Raises
+  ConfigError naming the argument, what is wrong and the expected form.
+  """
+  def describe() -> str:
+    return ', '.join(f'{k} (one of {list(allowed)}, default {d!r})' if allowed is not None
+                     else f'{k} (default {d!r})' for k, (d, allowed) in options.items())
+
+  out = {k: d for k, (d, _) in options.items()}
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError(f'config argument {arg!r} is invalid: {item!r} is not key=value; the '
+                        f"form is ':key=value,key=value' (e.g. ':size=tiny'), the options are "
+                        f'{describe()}')
+    if key not in options:
+      raise ConfigError(f'config argument {arg!r} is invalid: unknown option {key!r}; the '
+                        f'options are {describe()}')
+    allowed = options[key][1]
+    if allowed is not None and value not in allowed:
+      raise ConfigError(f'config argument {arg!r} is invalid: {key}={value!r}; allowed values '
+                        f'are {list(allowed)}')
+    out[key] = value
+  return out
+
+
 def check_choice(field: str, value: Any, choices) -> None:
   if value not in choices:
     fail(field, value, f'allowed values are {sorted(choices)}')

@@ -1,4 +1,4 @@
-"""python -m jaxformer.eval --workdir=DIR [--split=test] [--batches=N] [--config=FILE[:arg]]
+"""python -m jaxformer.eval --workdir=DIR [--split=test] [--batches=-1] [--config=FILE[:arg]]
        [--mesh=fsdp=8,tensor=1] [--multihost | --coordinator_address=... ...]
 
 Evaluates the latest checkpoint of a run on one split and prints the metrics (loss, accuracy,
@@ -9,19 +9,19 @@ checkpoint is read straight into the new shardings).
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxformer.cli import (define_distributed_flags, define_mesh_flags, initialize_distributed,
-                           load_run_config, setup_logging, with_mesh)
+                           load_run_config, run, setup_logging, with_mesh)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the run\'s own.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
 _DISTRIBUTED = define_distributed_flags()
 _MESH = define_mesh_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-_BATCHES = flags.DEFINE_integer('batches', 32,
-                                'Number of batches (<= one pass; -1: the whole split).')
+_BATCHES = flags.DEFINE_integer('batches', -1,
+                                'Number of batches (-1, the default: the whole split).')
 
 
 def main(argv):
@@ -31,12 +31,11 @@ def main(argv):
   from jaxformer.train.trainer import Trainer
   config = with_mesh(load_run_config(_WORKDIR.value, _CONFIG.value), _MESH)
   trainer = Trainer(config, _WORKDIR.value, mode='eval')
-  if trainer.ckpt.latest_step() is None:
-    raise SystemExit(f'no checkpoint in {trainer.ckpt.directory}: nothing to evaluate')
-  metrics = trainer.evaluate(_SPLIT.value, _BATCHES.value)
+  metrics = trainer.evaluate(_SPLIT.value, _BATCHES.value, counts=True)
+  trainer.close()
   print(json.dumps({'step': int(trainer.state['step']), 'split': _SPLIT.value, **metrics},
                    indent=1))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

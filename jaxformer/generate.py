@@ -5,11 +5,11 @@ Samples a continuation of the prompt from the latest checkpoint of a language-mo
 (KV-cached, jit-compiled decoding; temperature 0 is greedy).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxformer.cli import (define_distributed_flags, define_mesh_flags, initialize_distributed,
-                           load_run_config, setup_logging, with_mesh)
+                           load_run_config, run, setup_logging, with_mesh)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file; default: the run\'s own.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
@@ -27,18 +27,19 @@ def main(argv):
   del argv
   setup_logging()
   initialize_distributed(_DISTRIBUTED)
+  from jaxformer.config import ConfigError
   from jaxformer.train.trainer import Trainer
   config = with_mesh(load_run_config(_WORKDIR.value, _CONFIG.value), _MESH)
   trainer = Trainer(config, _WORKDIR.value, mode='eval')
-  if trainer.ckpt.latest_step() is None:
-    raise SystemExit(f'no checkpoint in {trainer.ckpt.directory}: train first')
   if trainer.exp.data.task != 'lm':
-    raise SystemExit(f'generate samples language models; this run trains data.task='
-                     f'{trainer.exp.data.task!r}')
+    raise ConfigError(f'generate samples language models; this run trains data.task='
+                      f'{trainer.exp.data.task!r}')
   text = trainer.sample(_PROMPT.value, _MAX_NEW.value, temperature=_TEMPERATURE.value,
-                        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+                        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                        field='--max_new_tokens')
+  trainer.close()
   print(_PROMPT.value + text)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -128,10 +128,11 @@ class ParallelConfig:
              f'{axis!r} (-1) cannot take the rest')
       ici[axis] = per_slice // fixed
     elif fixed != per_slice:
+      where = f' per slice ({num_devices} in all)' if slices > 1 else ''
       fail('parallel.mesh', _shown(ici),
-           f'needs {fixed} devices{" per slice" if slices > 1 else ""}, but '
-           f'{per_slice} {"are" if per_slice != 1 else "is"} available ({num_devices} '
-           'found); make the sizes multiply to the device count, or let one axis be -1')
+           f'needs {fixed} devices, but {per_slice} {"are" if per_slice != 1 else "is"} '
+           f'available{where}; make the sizes multiply to the device count, or let one axis '
+           'be -1')
     sizes = {a: ici[a] * dcn[a] for a in MESH_AXES}
     self._check_used(sizes, self.logical_rules())
     return sizes

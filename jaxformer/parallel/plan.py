@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:arg]).',
@@ -143,13 +143,14 @@ def main(argv):
   print(render(plan(_CONFIG.value, compile_step=_COMPILE.value)), flush=True)
 
 
-def run():
+def start():
   # The device count must be set before anything touches a JAX backend (flag parsing does not).
   for arg in sys.argv[1:]:
     if arg.startswith('--num_devices='):
       simulate_devices(int(arg.split('=', 1)[1]))
-  app.run(main)
+  from jaxformer.cli import run  # pylint: disable=import-outside-toplevel
+  run(main)
 
 
 if __name__ == '__main__':
-  run()
+  start()

@@ -5,10 +5,10 @@ Trains (or resumes) the experiment of a config file; see README.md for the confi
 docs/parallelism.md for meshes and multi-host runs.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxformer.cli import define_distributed_flags, initialize_distributed, setup_logging
+from jaxformer.cli import define_distributed_flags, initialize_distributed, run, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:arg]).',
                                           lock_config=True)
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

@@ -16,17 +16,22 @@ limit, batch size vs devices) run here, before compilation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
 from jaxformer.parallel.config import ParallelConfig, default_section as parallel_section
 from jaxformer.train import tasks
-from jaxformer.train.optimizer import OptimConfig
+from jaxformer.train.optimizer import DECAYING, OptimConfig
+
+log = logging.getLogger('jaxformer')
 
 NONFINITE = ('stop', 'skip')
 
@@ -105,8 +110,22 @@ class Experiment:
     train.validate()
     parallel = _build(ParallelConfig, d.get('parallel', {}), 'parallel')
     parallel.validate()
+    optim = OptimConfig.from_dict(d.get('optim', {}))
+    if optim.total_steps is None:
+      # The schedule follows the run: overriding train.steps alone stretches it.
+      if optim.schedule in DECAYING and train.steps <= optim.warmup_steps:
+        fail('train.steps', train.steps,
+             f'the {optim.schedule} schedule (as long as the run, optim.total_steps unset) '
+             f'needs more steps than optim.warmup_steps={optim.warmup_steps}')
+      optim = optim.replace(total_steps=train.steps)
+    elif optim.schedule in DECAYING and optim.total_steps < train.steps:
+      log.warning(
+          'optim.total_steps=%d is shorter than train.steps=%d: the learning rate stays at '
+          'its final value (optim.end_lr_ratio=%g of optim.lr) for the last %d steps. Leave '
+          'optim.total_steps unset to make the schedule as long as the run.',
+          optim.total_steps, train.steps, optim.end_lr_ratio, train.steps - optim.total_steps)
     exp = cls(model=ModelConfig.from_dict(d['model']), data=DataConfig.from_dict(d['data']),
-              optim=OptimConfig.from_dict(d.get('optim', {})), train=train, parallel=parallel)
+              optim=optim, train=train, parallel=parallel)
     exp.validate()
     return exp
 
@@ -179,9 +198,28 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'optim': OptimConfig.from_dict(optim or {}),
       'train': _build(TrainConfig, dict(train or {}), 'train'),
   }
-  out = {k: _plain(v) for k, v in sections.items()}
+  out = {k: _overridable(v) for k, v in sections.items()}
   out['parallel'] = _parallel_section(parallel)
   return ml_collections.ConfigDict(out)
+
+
+def _overridable(x):
+  """`_plain`, with every None field of a dataclass as a typed placeholder, so that
+  `--config.optim.ema_decay=0.999` parses as the field's type (ConfigDict cannot override a
+  plain None)."""
+  if not dataclasses.is_dataclass(x):
+    return _plain(x)
+  hints = typing.get_type_hints(type(x))
+  out = {}
+  for f in dataclasses.fields(x):
+    value = getattr(x, f.name)
+    if value is None:
+      kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+      kind = kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, str, bool) else object
+      out[f.name] = config_dict.placeholder(kind)
+    else:
+      out[f.name] = _overridable(value)
+  return out
 
 
 def _parallel_section(given: Mapping[str, Any] | None) -> dict[str, Any]:

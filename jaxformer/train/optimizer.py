@@ -39,6 +39,7 @@ Parameters are recognised by their pytree path (nnx.State keys, dict keys, list 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -53,6 +54,7 @@ from jaxformer.config import DTYPES, ConfigError, _build, _to_plain, check_choic
 from jaxformer.train import schedules
 
 OPTIMIZERS = ('adamw', 'adam', 'lion', 'adafactor', 'sgd')
+DECAYING = ('warmup_linear', 'warmup_cosine', 'wsd')
 LOSS_SCALES = ('none', 'dynamic')
 LAYER_KEYS = ('layers', 'blocks', 'layer', 'block')
 _INDEXED_LAYER = re.compile(r'^(?:layers|blocks|layer|block)_(\d+)$')
@@ -126,8 +128,8 @@ class OptimConfig:
     check_choice('optim.loss_scale', self.loss_scale, LOSS_SCALES)
     if self.mu_dtype is not None:
       check_choice('optim.mu_dtype', self.mu_dtype, DTYPES)
-    if self.lr < 0:
-      fail('optim.lr', self.lr, 'must be >= 0')
+    if not math.isfinite(self.lr) or self.lr < 0:
+      fail('optim.lr', self.lr, 'must be a finite number >= 0')
     for name in ('b1', 'b2', 'momentum'):
       value = getattr(self, name)
       if value is not None and not 0.0 <= value < 1.0:
@@ -147,14 +149,15 @@ class OptimConfig:
       fail('optim.warmup_steps', self.warmup_steps, 'must be >= 0')
     if self.schedule == 'inverse_sqrt' and self.warmup_steps <= 0:
       fail('optim.warmup_steps', self.warmup_steps, "must be > 0 for schedule='inverse_sqrt'")
-    if self.schedule in ('warmup_linear', 'warmup_cosine', 'wsd'):
-      if self.total_steps is None or self.total_steps <= self.warmup_steps:
+    # total_steps None: the trainer makes the schedule as long as the run (train.steps).
+    if self.schedule in DECAYING and self.total_steps is not None:
+      if self.total_steps <= self.warmup_steps:
         fail('optim.total_steps', self.total_steps,
              f'must be an integer > optim.warmup_steps={self.warmup_steps} for '
-             f'schedule={self.schedule!r}')
+             f'schedule={self.schedule!r} (or None: as long as train.steps)')
     if not 0.0 <= self.end_lr_ratio <= 1.0:
       fail('optim.end_lr_ratio', self.end_lr_ratio, 'must be in [0, 1]')
-    if self.schedule == 'wsd':
+    if self.schedule == 'wsd' and self.total_steps is not None:
       if not 0.0 < self.wsd_decay_fraction <= 1.0:
         fail('optim.wsd_decay_fraction', self.wsd_decay_fraction, 'must be in (0, 1]')
       decay_start = self.total_steps - max(round(self.wsd_decay_fraction * self.total_steps), 1)

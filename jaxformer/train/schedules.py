@@ -26,6 +26,8 @@ import typing
 import jax.numpy as jnp
 import optax
 
+from jaxformer.config import ConfigError
+
 if typing.TYPE_CHECKING:
   from jaxformer.train.optimizer import OptimConfig
 
@@ -98,6 +100,10 @@ def make_schedule(cfg: 'OptimConfig') -> optax.Schedule:
     return constant(cfg.lr, cfg.warmup_steps)
   if kind == 'inverse_sqrt':
     return inverse_sqrt(cfg.lr, cfg.warmup_steps)
+  if cfg.total_steps is None:
+    raise ConfigError(f'optim.total_steps=None is invalid here: schedule={kind!r} needs its '
+                      'length (the trainer sets it to train.steps; set it when building an '
+                      'optimizer directly)')
   if kind == 'warmup_linear':
     return warmup_linear(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.end_lr_ratio)
   if kind == 'warmup_cosine':

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxformer.config import ConfigError
 from jaxformer.train import optimizer as opt_lib
 from jaxformer.train.optimizer import OptimConfig, make_optimizer
+from jaxformer.train.schedules import make_schedule
 
 
 def _params(seed=0):
@@ -50,8 +51,13 @@ def test_config_from_configdict_and_errors_name_the_field():
   assert cfg.optimizer == 'lion' and cfg.lr == 1.0 and cfg.adafactor.decay_rate == 0.5
   with pytest.raises(ConfigError, match=r"optim.optimizer='adan'.*'adamw'"):
     OptimConfig.from_dict({'optimizer': 'adan'})
+  # total_steps unset: the trainer makes the schedule as long as the run; a schedule built
+  # directly from such a config says what is missing.
+  unset = OptimConfig.from_dict({'schedule': 'warmup_cosine'})
   with pytest.raises(ConfigError, match=r'optim.total_steps=None.*warmup_cosine'):
-    OptimConfig.from_dict({'schedule': 'warmup_cosine'})
+    make_schedule(unset)
+  with pytest.raises(ConfigError, match=r'optim.total_steps=4 is invalid.*> optim.warmup_steps=4'):
+    OptimConfig.from_dict({'schedule': 'warmup_cosine', 'warmup_steps': 4, 'total_steps': 4})
   with pytest.raises(ConfigError, match=r"optim.weight_decay.*'adamw'"):
     OptimConfig.from_dict({'optimizer': 'adam', 'weight_decay': 0.1})
   with pytest.raises(ConfigError, match=r'optim: unknown field\(s\) \[.lr_max.\]'):
