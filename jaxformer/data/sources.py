@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator, Mapping
 
@@ -127,6 +129,20 @@ def _quiet():
     tqdm_utils.display_progress_bar(active)
 
 
+def remove_incomplete(b: tfds.core.DatasetBuilder) -> list[str]:
+  """Deletes what an interrupted preparation left (TFDS's `incomplete.*` folders); returns them.
+
+  TFDS prepares into `incomplete.<id>.<version>` next to the final folder and renames it when
+  done, removing it on an exception, but a killed process (SIGKILL, SIGTERM) leaves it behind.
+  Called under the preparation lock, so no other process is writing one.
+  """
+  parent = os.path.dirname(os.fspath(b.data_dir))
+  left = sorted(glob.glob(os.path.join(parent, 'incomplete.*')))
+  for path in left:
+    shutil.rmtree(path, ignore_errors=True)
+  return left
+
+
 def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for `cfg.name`; prepares or downloads it when it can."""
   directory = data_dir(cfg)
@@ -141,6 +157,7 @@ def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
       with _lock(directory, f'{cfg.name}_{b.builder_config.name}'), _quiet():
         b = cls(config=config, data_dir=directory, file_format='array_record')
         if not b.is_prepared():
+          remove_incomplete(b)
           b.download_and_prepare(download_config=tfds.download.DownloadConfig(
               try_download_gcs=False))
     return b
@@ -167,6 +184,7 @@ def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   if not _online():
     raise DataUnavailableError(f'{where} and this machine cannot download it; {todo}.')
   with _lock(directory, cfg.name):
+    remove_incomplete(b)
     try:
       b.download_and_prepare()
     except ModuleNotFoundError as e:

@@ -70,6 +70,10 @@ class DataStateError(ValueError):
   """The checkpoint's data-iterator state does not fit this run's processes."""
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A restored array does not match the checksum saved with it."""
+
+
 class NonFiniteError(FloatingPointError):
   """A state holds NaN or Inf and must not be written over a good checkpoint."""
 
@@ -108,6 +112,45 @@ def assert_finite(tree, what: str = 'state') -> None:
     raise NonFiniteError(
         f'{what} has NaN/Inf values in {len(bad)} of {len(named)} arrays, first at '
         f'{bad[0]!r}; refusing to save it over a good checkpoint')
+
+
+_GOLDEN = 0x9E3779B1  # odd, so weight * delta != 0 (mod 2^32) for every nonzero delta
+
+
+@jax.jit
+def _fingerprint(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = (x.astype(jnp.uint8) if x.dtype == jnp.bool_ else
+          jax.lax.bitcast_convert_type(x, unsigned)).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def fingerprints(tree) -> dict[str, int]:
+  """A 32-bit checksum of every array of `tree`, keyed by path.
+
+  sum_i bits_i * (i * 0x9E3779B1 + 1) mod 2^32 over the raw bits of the array in index order:
+  integer sums are exact in any order, so the checksum does not depend on how the array is
+  sharded (a checkpoint restored onto another mesh checks out), and since every weight is odd
+  any change of one element changes it.
+  """
+  named = [(name, leaf) for name, leaf in flatten(tree).items() if hasattr(leaf, 'dtype')]
+  # One small jitted reduction per array, where the array lives (leaves of one state may sit
+  # on different device sets), then one transfer of all the results.
+  values = jax.device_get([_fingerprint(jnp.asarray(leaf)) for _, leaf in named])
+  return {name: int(v) for (name, _), v in zip(named, values)}
+
+
+def verify_fingerprints(tree, saved: Mapping[str, int], where: str) -> None:
+  """Raises `CorruptCheckpointError` naming the first array whose checksum differs."""
+  got = fingerprints(tree)
+  bad = [name for name, value in saved.items() if got.get(name) != value]
+  if bad:
+    raise CorruptCheckpointError(
+        f'{where}: {len(bad)} restored array(s) do not match the checksums saved with them, '
+        f'first {bad[0]!r} (the files changed after they were written)')
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -284,7 +327,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir, *, keep: int | None = 3, async_save: bool = True,
-               save_interval_steps: int = 1000):
+               save_interval_steps: int = 1000, read_only: bool = False):
     if keep is not None and keep < 1:
       raise ValueError(f'keep={keep} is invalid: keep at least 1 checkpoint, or None for all')
     if save_interval_steps < 1:
@@ -303,8 +346,9 @@ class Checkpointer:
         max_to_keep=keep,
         save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, handler_registry=registry)
 
@@ -338,7 +382,7 @@ class Checkpointer:
     if not force and not self._manager.should_save(step):
       return False
     assert_finite(state, f'state at step {step}')
-    payload = to_json(dict(extras or {}))
+    payload = to_json(dict(extras or {}, checksums=fingerprints(state)))
     items = {STATE: ocp.args.StandardSave(state), EXTRAS: ocp.args.JsonSave(payload)}
     if data is not None:
       items[DATA] = DataShardsSave(data.shard_states(), data.num_shards)
@@ -369,15 +413,21 @@ class Checkpointer:
       items[DATA] = DataShardsRestore(data)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     self.data_restored = DATA in items
-    return restored[STATE], dict(restored[EXTRAS] or {})
+    extras = dict(restored[EXTRAS] or {})
+    saved = extras.pop('checksums', None)
+    if saved is not None:
+      verify_fingerprints(restored[STATE], saved, f'checkpoint step {step} in {self.directory}')
+    return restored[STATE], extras
 
-  def restore(self, target, *, step: int | None = None, data=None):
+  def restore(self, target, *, step: int | None = None, data=None, read_only: bool = False):
     """Restores into the structure, shapes and shardings of `target` (an abstract state).
 
     Returns `(step, state, extras)` from the newest readable step (or exactly `step`), or None
     when no checkpoint exists. With `data` (a checkpointable iterator) its state is restored
     too, and `self.data_restored` says whether the step had one. Unreadable newer steps
-    are logged, moved to `<workdir>/checkpoints_corrupt` and skipped. Raises
+    are logged, moved to `<workdir>/checkpoints_corrupt` (left in place with `read_only`, as
+    evaluation does) and skipped. Every array is checked against the checksum saved with it,
+    so bytes changed in place count as unreadable too. Raises
     `IncompatibleCheckpointError` when the newest readable checkpoint does not fit `target`,
     `DataStateError` when its data state was written by another number of processes, and
     `CheckpointError` when checkpoints exist but none can be read.
@@ -407,7 +457,8 @@ class Checkpointer:
                     'trying the previous one' if candidate != steps[-1] else 'no older one left')
         continue
       if failed:
-        self._move_aside([s for s, _ in failed])
+        if not read_only:
+          self._move_aside([s for s, _ in failed])
         log.warning('restored checkpoint step %d after skipping unreadable step(s) %s',
                     candidate, [s for s, _ in failed])
       return candidate, state, extras

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import struct
 import sys
 import time
@@ -134,7 +135,8 @@ class MetricWriter:
   as the JSON extensions NaN/Infinity that Python's json module reads back.
   """
 
-  def __init__(self, workdir, *, use_tensorboard: bool = True, enabled: bool | None = None):
+  def __init__(self, workdir, *, use_tensorboard: bool = True, enabled: bool | None = None,
+               resume_step: int | None = None):
     if enabled is None:
       import jax  # pylint: disable=import-outside-toplevel
       enabled = jax.process_index() == 0
@@ -146,6 +148,8 @@ class MetricWriter:
     if not enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+      drop_after(self.path, resume_step)
     self._file = _JsonLines(self.path)
     if use_tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -183,6 +187,23 @@ class MetricWriter:
     self.close()
 
 
+def drop_after(path, step: int) -> int:
+  """Removes the records of steps after `step` from a metrics file (written atomically).
+
+  A run that resumes from a checkpoint at `step` logs the later steps again; without this the
+  file would hold each of them twice. Returns the number of lines dropped.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    return 0
+  lines = path.read_text(encoding='utf-8').splitlines()
+  kept = [line for line in lines if line.strip() and json.loads(line).get('step', 0) <= step]
+  if len(kept) != len([line for line in lines if line.strip()]):
+    from jaxformer.train.workdir import write_text  # pylint: disable=import-outside-toplevel
+    write_text(path, ''.join(line + '\n' for line in kept))
+  return len(lines) - len(kept)
+
+
 class _JsonLines:
   """Appends lines to a local file; on an object store (gs://), which cannot append, keeps the
   lines and rewrites the object after each one (metrics files are small)."""
@@ -209,7 +230,8 @@ class _JsonLines:
 
 
 def read_metrics(path) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file, in order (a resumed run may repeat steps)."""
+  """The records of a metrics.jsonl file, in order (one per logged step: a resumed run first
+  drops the records past the step it resumes from)."""
   text = epath.Path(path).read_text(encoding='utf-8')
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -276,6 +298,9 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+MIN_BAR_COLUMNS = 40
+
+
 class ProgressBar:
   """A tqdm bar showing the step and a few metrics, or plain log lines where it cannot draw.
 
@@ -295,7 +320,10 @@ class ProgressBar:
     self.keys = keys
     self.stream = stream if stream is not None else sys.stderr
     if enabled is None:
-      enabled = hasattr(self.stream, 'isatty') and self.stream.isatty()
+      # A bar needs a terminal wide enough to draw it; elsewhere (pipes, log files, a terminal
+      # reporting 0 columns) each logged step is one plain line.
+      enabled = (hasattr(self.stream, 'isatty') and self.stream.isatty()
+                 and shutil.get_terminal_size((0, 0)).columns >= MIN_BAR_COLUMNS)
     self.enabled = enabled
     self._clock = clock
     self._last = (initial_step, clock())

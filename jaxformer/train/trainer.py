@@ -35,7 +35,9 @@ from jaxformer.train import metrics as metrics_lib
 from jaxformer.train import optimizer as optim_lib
 from jaxformer.train.experiment import Experiment
 from jaxformer.train.program import TrainProgram
-from jaxformer.train.workdir import prepare_workdir, save_config, save_param_summary, write_text
+from jaxformer.config import ConfigError
+from jaxformer.train.workdir import (WorkdirLock, as_path, prepare_workdir, save_config,
+                                     save_param_summary, write_text)
 
 log = logging.getLogger('jaxformer')
 
@@ -82,17 +84,35 @@ class NonFiniteLossError(FloatingPointError):
 class Trainer:
   """Holds everything a run needs; `run()` trains, evaluates, checkpoints and samples.
 
-  `mode='eval'` (the eval and generate commands) restores the parameters only: no data-iterator
-  state, no training step, and nothing is written into the run folder. `devices` restricts the
-  mesh to some of this process's devices (notebooks, tests); by default it spans the whole job.
+  A training Trainer holds the run folder's lock (`workdir.WorkdirLock`) from its start until
+  `run()` returns or `close()` is called, and writes its records only once the folder is known
+  to fit the config (an incompatible checkpoint is refused before anything is written).
+  `mode='eval'` (the eval and generate commands) reads only: it restores the parameters of the
+  newest readable checkpoint (skipping, never moving, unreadable ones), no data-iterator state
+  and no training step, and refuses a folder without checkpoints. `devices` restricts the mesh
+  to some of this process's devices (notebooks, tests); by default it spans the whole job.
   """
 
   def __init__(self, config, workdir, *, mode: str = 'train', devices=None):
     if mode not in ('train', 'eval'):
       raise ValueError(f"mode={mode!r} is invalid: allowed values are ['eval', 'train']")
     self.mode = mode
-    self.exp = exp = Experiment.from_config(config)
-    self.workdir = prepare_workdir(workdir)
+    self.exp = Experiment.from_config(config)
+    self.lock = None
+    if mode == 'train':
+      self.workdir = prepare_workdir(workdir)
+      if distributed.is_primary():
+        self.lock = WorkdirLock(self.workdir).acquire()
+    else:
+      self.workdir = as_path(workdir)
+    try:
+      self._setup(devices)
+    except BaseException:
+      self.close()
+      raise
+
+  def _setup(self, devices) -> None:
+    exp, mode = self.exp, self.mode
     self.layout = make_layout(exp.parallel, devices)
     exp.check_batch(self.layout.batch_shards, self.layout.batch_axes, jax.process_count())
     self.mesh = self.layout.mesh
@@ -102,10 +122,12 @@ class Trainer:
         process_index=jax.process_index(), process_count=jax.process_count())
     self.tokenizer = self.train_iter.tokenizer
     if self.tokenizer is not None and self.tokenizer.vocab_size > exp.model.vocab_size:
-      raise ValueError(
+      raise ConfigError(
           f'model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer vocabulary '
           f'({self.tokenizer.vocab_size} ids for data.tokenizer={exp.data.tokenizer!r}); set '
           f'model.vocab_size >= {self.tokenizer.vocab_size}')
+    if mode == 'train' and t.sample_tokens and exp.data.task == 'lm':
+      self.sample_room(t.sample_prompt, t.sample_tokens, 'train.sample_tokens')
     regular = None
     if self.tokenizer is not None and getattr(self.tokenizer, 'char_level', False):
       ids = self.tokenizer.regular_ids
@@ -118,11 +140,26 @@ class Trainer:
     self.tx = self.program.tx
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoint,
-                                      save_interval_steps=t.checkpoint_every)
+                                      save_interval_steps=t.checkpoint_every,
+                                      read_only=mode == 'eval')
+    if mode == 'eval' and not self.ckpt.all_steps():
+      raise ckpt_lib.CheckpointError(
+          f'no checkpoint in {self.ckpt.directory}: nothing to evaluate or sample; train first '
+          f'(python -m jaxformer.train --workdir={self.workdir} ...)')
     self._restore_or_init()
     if mode == 'train' and distributed.is_primary():
       save_config(self.workdir, exp.to_dict())
       save_param_summary(self.workdir, self.program.abstract_state['params'])
+
+  def close(self) -> None:
+    """Waits for checkpoint writes and releases the run folder (idempotent)."""
+    ckpt = getattr(self, 'ckpt', None)
+    if ckpt is not None and not getattr(self, '_closed', False):
+      ckpt.close()
+    self._closed = True
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
 
   @property
   def rest(self):
@@ -140,7 +177,8 @@ class Trainer:
   def _restore_or_init(self) -> None:
     """Restores the newest good checkpoint straight into its shardings, or initialises."""
     data = self.train_iter if self.mode == 'train' else None
-    restored = self.ckpt.restore(self.program.target(), data=data)
+    restored = self.ckpt.restore(self.program.target(), data=data,
+                                 read_only=self.mode == 'eval')
     if restored is None:
       if self.mode == 'train':
         log.info('no checkpoint in %s: starting from scratch', self.ckpt.directory)
@@ -168,9 +206,15 @@ class Trainer:
     if skipped > self.skipped_at_start and self.exp.train.nonfinite == 'stop':
       raise NonFiniteLossError(
           f'the loss or gradients became NaN/Inf ({skipped - self.skipped_at_start} update(s) '
-          f'skipped by step {step}); stopping without saving, so the last good checkpoint '
-          f'(step {self.ckpt.latest_step()}) is kept. Lower optim.lr, set optim.grad_clip_norm, '
-          "or set train.nonfinite='skip' to skip such steps and go on.")
+          f'skipped by step {step}); stopping without saving, so {self._last_good()}. Lower '
+          "optim.lr, set optim.grad_clip_norm, or set train.nonfinite='skip' to skip such "
+          'steps and go on.')
+
+  def _last_good(self) -> str:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return 'nothing is saved (no checkpoint was written yet in this run folder)'
+    return f'the last good checkpoint (step {step}) is kept'
 
   # ---------------------------------------------------------------- data
   def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -179,8 +223,12 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
   # ---------------------------------------------------------------- evaluation
-  def evaluate(self, split: str, num_batches: int) -> dict[str, float]:
-    """Mean metrics over `num_batches` batches of `split` in order (-1: the whole split)."""
+  def evaluate(self, split: str, num_batches: int, *, counts: bool = False
+               ) -> dict[str, float]:
+    """Mean metrics over `num_batches` batches of `split` in order (-1: the whole split).
+
+    With `counts`, also how much was read: 'batches', 'tokens' (targets that count) and
+    'whole_split' (whether every batch of the split was read)."""
     if num_batches == 0:
       return {}
     exp = self.exp
@@ -189,11 +237,14 @@ class Trainer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         tokenizer=self.tokenizer, shuffle=False, num_epochs=1)
     totals: dict[str, Any] = {}
-    for i, batch in enumerate(it):
-      if 0 < num_batches <= i:
+    read, whole = 0, True
+    for batch in it:
+      if 0 < num_batches <= read:
+        whole = False
         break
       sums = self.eval_step(self.state['params'], self._device_batch(batch))
       totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+      read += 1
     it.close()
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     n = max(totals.get('num_tokens', 0.0), 1.0)
@@ -202,14 +253,40 @@ class Trainer:
       out['perplexity'] = math.exp(min(out['loss'], 50.0))
     if totals.get('num_bytes'):
       out['bits_per_byte'] = totals['nll_sum'] / math.log(2) / totals['num_bytes']
+    if counts:
+      out.update(batches=read, tokens=int(totals.get('num_tokens', 0)), whole_split=whole)
     return out
 
   # ---------------------------------------------------------------- the loop
   def run(self) -> dict[str, Any]:
+    """Trains to train.steps, then evaluates the test split and samples; releases the run
+    folder when it returns or fails. A run that already reached train.steps does nothing more
+    and returns its recorded result."""
+    try:
+      return self._run()
+    finally:
+      self.close()
+
+  def _finished(self, start: int) -> dict[str, Any]:
+    path = self.workdir / 'result.json'
+    result = json.loads(path.read_text()) if path.exists() else {'step': start}
+    if distributed.is_primary():
+      log.info('the run already reached train.steps=%d: nothing more to do (recorded results '
+               'in %s; python -m jaxformer.eval --workdir=%s evaluates again)',
+               self.exp.train.steps, path, self.workdir)
+      if result.get('test'):
+        print(f'test: {_fmt(result["test"])} (recorded)', flush=True)
+    return result
+
+  def _run(self) -> dict[str, Any]:
     exp, t = self.exp, self.exp.train
     start = int(self.state['step'])
+    if start >= t.steps:
+      return self._finished(start)
     self.skipped_at_start = int(optim_lib.num_skipped(self.state['opt_state']))
-    writer = metrics_lib.MetricWriter(self.workdir, use_tensorboard=t.tensorboard)
+    # Lines past the restored step were logged by a run that did not save them: they go.
+    writer = metrics_lib.MetricWriter(self.workdir, use_tensorboard=t.tensorboard,
+                                      resume_step=start)
     primary = distributed.is_primary()
     bar = metrics_lib.ProgressBar(t.steps, initial_step=start,
                                   keys=('loss', 'lr', 'tokens_per_s', 'mfu'),
@@ -224,8 +301,6 @@ class Trainer:
     schedule = optim_lib.schedules.make_schedule(exp.optim)
     pending: list[dict[str, jax.Array]] = []
     result: dict[str, Any] = {'start_step': start}
-    if start >= t.steps:
-      log.info('the run already reached train.steps=%d', t.steps)
     profiler = StepProfiler(self.workdir, t, start)
     with distributed.StopAgreement() as stop:
       step = start
@@ -284,8 +359,8 @@ class Trainer:
       if self.exp.train.nonfinite == 'stop' or skipped_now == self.skipped_at_start:
         self._check_finite(step)
         raise NonFiniteLossError(
-            f'the training loss became NaN/Inf at step {step}; stopping without saving (last '
-            f'good checkpoint: step {self.ckpt.latest_step()}).')
+            f'the training loss became NaN/Inf at step {step}; stopping without saving, so '
+            f'{self._last_good()}.')
     self._check_finite(step)
     scalars['lr'] = float(schedule(step - 1)) if callable(schedule) else float(schedule)
     scalars['skipped_steps'] = float(int(optim_lib.num_skipped(self.state['opt_state'])))
@@ -308,19 +383,32 @@ class Trainer:
   def model(self) -> nnx.Module:
     return nnx.merge(self.graphdef, self.state['params'], self.rest)
 
+  def sample_room(self, prompt: str, num_tokens: int, field: str) -> list[int]:
+    """The prompt's ids; raises ConfigError naming `field` unless `num_tokens` new tokens fit
+    under model.max_length after them (nothing is cut silently)."""
+    ids = [self.tokenizer.bos_id] + np.asarray(self.tokenizer.encode(prompt)).tolist()
+    room = self.exp.model.max_length - len(ids)
+    if num_tokens <= 0:
+      raise ConfigError(f'{field}={num_tokens} is invalid: the number of new tokens must be '
+                        'positive')
+    if num_tokens > room:
+      raise ConfigError(
+          f'{field}={num_tokens} is invalid: the prompt takes {len(ids)} of the '
+          f'model.max_length={self.exp.model.max_length} positions, so at most {room} new '
+          f'tokens fit; ask for at most {room} (or use a shorter prompt)' if room > 0 else
+          f'the prompt ({len(ids)} tokens) leaves no room under model.max_length='
+          f'{self.exp.model.max_length}; use a shorter prompt')
+    return ids
+
   def sample(self, prompt: str, num_tokens: int, *, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None
-             ) -> str:
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             field: str = 'train.sample_tokens') -> str:
     """Continuation of `prompt` (KV-cached decoding; train.sample_* settings by default)."""
     from jaxformer.inference import generate
     t = self.exp.train
     tok = self.tokenizer
-    ids = [tok.bos_id] + np.asarray(tok.encode(prompt)).tolist()
-    max_new = min(num_tokens, self.exp.model.max_length - len(ids))
-    if max_new <= 0:
-      raise ValueError(f'the prompt ({len(ids)} tokens) leaves no room under '
-                       f'model.max_length={self.exp.model.max_length}')
-    out = generate(self.model(), [ids], max_new_tokens=max_new,
+    ids = self.sample_room(prompt, num_tokens, field)
+    out = generate(self.model(), [ids], max_new_tokens=num_tokens,
                    temperature=t.sample_temperature if temperature is None else temperature,
                    top_k=t.sample_top_k if top_k is None else top_k,
                    top_p=t.sample_top_p if top_p is None else top_p,

@@ -14,10 +14,13 @@ the checkpoints let a reader tell what produced them:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +32,61 @@ from jaxformer.train.checkpoint import flatten
 
 class WorkdirError(RuntimeError):
   """The work directory cannot be created or written."""
+
+
+class WorkdirLockedError(WorkdirError):
+  """Another live process is writing to this work directory."""
+
+
+LOCK_FILE = '.lock'
+
+
+class WorkdirLock:
+  """An exclusive lock on a run folder, held while a run writes to it.
+
+  `<workdir>/.lock` is locked with `fcntl.flock` and holds a line naming the holder (pid, host,
+  start time, command). The kernel drops the lock when its process dies, however it dies, so a
+  stale file left by a killed run never blocks a resume; a second live writer is refused with
+  the holder's line. Object stores (gs://) have no locks: there the lock is a no-op (multi-host
+  jobs take it on process 0 only).
+  """
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / LOCK_FILE
+    self._fd: int | None = None
+
+  def acquire(self) -> WorkdirLock:
+    if is_remote(self.path) or self._fd is not None:
+      return self
+    fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'an unknown process'
+      os.close(fd)
+      raise WorkdirLockedError(
+          f'{self.path.parent} is in use by another run ({holder}): two writers would mix their '
+          'checkpoints and metrics. Wait for it to finish or stop it, or choose another '
+          '--workdir.') from None
+    line = (f'pid {os.getpid()} on {socket.gethostname()}, since '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(sys.argv)[:300]}\n')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, line.encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
 
 
 REMOTE_PREFIXES = ('gs://', 's3://')
