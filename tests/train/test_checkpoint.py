@@ -345,3 +345,19 @@ def test_sigterm_leaves_a_complete_restorable_checkpoint(tmp_path):
       'w': jnp.full((32, 32), float(saved_step)),
       'step': jnp.asarray(saved_step, jnp.int32)
   })
+
+
+def test_data_state_of_another_shard_count_is_refused_with_the_setting_that_resumes_it(tmp_path):
+  """A run whose data was cut into 2 shards (two processes) cannot be resumed as 1 shard: the
+  error names the setting that resumes it on any process count dividing 2."""
+  from types import SimpleNamespace
+  from jaxformer.train.checkpoint import DataStateError, check_shard_files
+  from etils import epath
+  folder = epath.Path(tmp_path)
+  for j in range(2):
+    (folder / f'shard_{j}-of-2.json').write_text('{}')
+  check_shard_files(folder, SimpleNamespace(shards={0: None, 1: None}, num_shards=2), 'step 5')
+  check_shard_files(folder, SimpleNamespace(shards={1: None}, num_shards=2), 'step 5')
+  with pytest.raises(DataStateError, match=r'data position of 2 data shard.*this run reads 1 '
+                                           r'shard.*--config.data.num_shards=2'):
+    check_shard_files(folder, SimpleNamespace(shards={0: None}, num_shards=1), 'step 5')

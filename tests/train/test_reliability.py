@@ -60,8 +60,8 @@ def test_the_schedule_follows_train_steps_unless_set(tmp_path):
   assert len(lrs) == 20 and lrs[10] > 0.5 * max(lrs) and lrs[-1] < 0.2 * max(lrs)
   with open(tmp_path / 'a' / 'config.json') as f:
     assert json.load(f)['optim']['total_steps'] == 20
-  out = train(tmp_path / 'b', '--config.optim.total_steps=5', steps=8)
-  assert 'optim.total_steps=5 is shorter than train.steps=8' in out.stderr
+  out = train(tmp_path / 'b', '--config.optim.total_steps=2', steps=3)
+  assert 'optim.total_steps=2 is shorter than train.steps=3' in out.stderr
 
 
 def test_fields_whose_default_is_none_override_with_their_type(tmp_path):
