@@ -78,6 +78,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(f'jaxformer:{name}')
 
 
+def process_sum(values):
+  """The elementwise sum over processes of each process's uint32 `values` (as int64)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  gathered = multihost_utils.process_allgather(np.asarray(values, np.uint32), tiled=False)
+  return np.asarray(gathered, np.int64).reshape(jax.process_count(), -1).sum(0)
+
+
 class StopAgreement:
   """Context manager: `should_stop(step)` is true at the same step on every process.
 

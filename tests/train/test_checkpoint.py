@@ -361,3 +361,33 @@ def test_data_state_of_another_shard_count_is_refused_with_the_setting_that_resu
   with pytest.raises(DataStateError, match=r'data position of 2 data shard.*this run reads 1 '
                                            r'shard.*--config.data.num_shards=2'):
     check_shard_files(folder, SimpleNamespace(shards={0: None}, num_shards=1), 'step 5')
+
+
+def _numpy_fingerprint(x) -> int:
+  """The checksum's definition on the whole array: sum_i bits_i (i * 0x9E3779B1 + 1) mod 2^32."""
+  x = np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+  bits = x.reshape(-1).view(unsigned).astype(np.uint64)
+  weights = (np.arange(bits.size, dtype=np.uint64) * 0x9E3779B1 + 1) % 2**32
+  return int(np.sum(bits * weights % 2**32) % 2**32)
+
+
+def test_checksums_follow_their_definition_on_every_sharding():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('a', 'b'))
+  arrays = {
+      'f32': jax.random.normal(jax.random.key(0), (8, 12)),
+      'bf16': jax.random.normal(jax.random.key(1), (8, 8, 6), jnp.bfloat16),
+      'int': jnp.arange(32, dtype=jnp.int32).reshape(8, 4) * 7919,
+      'bool': jnp.arange(64).reshape(8, 8) % 3 == 0,
+      'key': jax.random.split(jax.random.key(2), 8),
+  }
+  want = {name: _numpy_fingerprint(x) for name, x in arrays.items()}
+  assert ckpt_lib.fingerprints(arrays) == want
+  for spec in (P(), P('a'), P('b'), P(('a', 'b')), P('a', 'b')):
+    placed = {name: jax.device_put(x, NamedSharding(mesh, P(*spec[:x.ndim])))
+              for name, x in arrays.items()}
+    assert ckpt_lib.fingerprints(placed) == want, spec
+  changed = dict(arrays, f32=arrays['f32'].at[5, 7].add(1e-6))
+  assert ckpt_lib.fingerprints(changed)['f32'] != want['f32']
