@@ -371,6 +371,14 @@ class ModelConfig:
         fail('model.attention.impl', a.impl,
              f"must be 'xla' (or 'auto') for model.family={self.family!r}, which computes its "
              'own attention')
+      # Nor do they run the shared layer stack (models/stack.py): its loop strategies and
+      # remat policies would be silently ignored.
+      why = (f'for model.family={self.family!r}, which runs its own layers instead of the '
+             'shared stack (models/stack.py)')
+      if self.scan_layers:
+        fail('model.scan_layers', True, f'must be False {why}')
+      if self.remat != 'none':
+        fail('model.remat', self.remat, f"must be 'none' {why}")
     if self.family == 'transformer_xl' and p.kind != 'none':
       fail('model.position.kind', p.kind, "must be 'none' for model.family='transformer_xl' "
            '(it has its own relative positions)')

@@ -79,7 +79,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='none'),
         ffn=dict(activation='gelu', bias=True), pooler=True),
     # Bahdanau et al. 2015 / Luong et al. 2015 baseline.
-    'rnn': dict(family='rnn_seq2seq', position=dict(kind='none')),
+    'rnn': dict(family='rnn_seq2seq', position=dict(kind='none'), scan_layers=False),
     # Kitaev et al. 2020: shared-QK LSH attention, reversible layers, chunked FFN, pre-LN.
     # Learned absolute positions stand in for the paper's axial ones.
     'reformer': dict(
@@ -91,7 +91,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     'transformer_xl': dict(
         family='transformer_xl', norm='layernorm', norm_position='pre',
         position=dict(kind='none'), ffn=dict(activation='relu', bias=True),
-        tie_embeddings=True, memory_length=64),
+        tie_embeddings=True, memory_length=64, scan_layers=False),
     # Jaegle et al. 2021: latents cross-attend to the inputs, pre-LN, GELU MLPs, learned
     # positions for token inputs (Fourier features for images are built in).
     'perceiver': dict(

@@ -8,7 +8,14 @@ debugging and for the scan == unrolled property), so checkpoints do not depend o
 When MoE replaces the FFN in every `moe.every`-th layer, the scanned unit is a group of `every`
 layers (the last of which is MoE), so the scanned body stays homogeneous.
 
-With `model.reversible` the same layers run as reversible residual layers (models/reversible.py).
+How the layers are run is a strategy (`LayerLoop`, chosen by `layer_loop(cfg)` from the
+registry `LAYER_LOOPS`): every strategy runs one body `(x, layer, cache) -> (x, cache, aux)` over
+the stacked layer groups and returns the final x, the stacked new caches and the per-group aux
+losses. `scan` (`model.scan_layers=True`, the default) runs it under `nnx.scan`; `unrolled`
+(`scan_layers=False`) in a Python loop; `reversible` (`model.reversible`) runs the same layers as
+reversible residual layers (models/reversible.py), which split each layer into its attention and
+FFN branches instead of calling the body. `model.remat` wraps the body before any strategy sees
+it. A new way of running layers (a pipeline over devices, say) is one more registered strategy.
 
 Position information that is a bias over (query, key) positions (ALiBi, T5 buckets) is computed
 once per stack and shared by all layers, as in T5 and ALiBi.
@@ -138,41 +145,91 @@ class Stack(nnx.Module):
     else:
       kv_pos = mask.kv_positions if mask.kv_positions is not None else q_pos
     bias = self.bias(q_pos, kv_pos)
-    if self.cfg.reversible:  # Reformer: two streams, inputs recomputed in the backward pass
-      x, new_cache = reversible.reversible_stack(
-          self.layers, x, mask, bias=bias, cache=cache, deterministic=deterministic,
-          scan=self.cfg.scan_layers)
-      return x, new_cache, zero_aux(self.cfg)
     kwargs = dict(bias=bias, enc=enc, enc_mask=enc_mask, token_ids=token_ids,
                   deterministic=deterministic)
 
     def body(x, layer, c):
-      y, new_c, aux = layer(x, mask, c, **kwargs)
-      return y, new_c, aux
+      return layer(x, mask, c, **kwargs)
 
     policy = self.cfg.remat
     if policy != 'none':
       body = nnx.remat(body, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.scan_layers)
-
-    if self.cfg.scan_layers:
-      scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                      transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      x, new_cache, aux = scan(x, self.layers, cache)
-    else:
-      x, new_cache, aux = self._unrolled(body, x, cache)
+    x, new_cache, aux = layer_loop(self.cfg).run(self, body, x, cache, mask=mask, bias=bias,
+                                                 deterministic=deterministic)
     aux = {k: jnp.sum(v) for k, v in aux.items()} or zero_aux(self.cfg)
     return x, new_cache, aux
 
-  def _unrolled(self, body, x, cache):
-    graphdef, state = nnx.split(self.layers)
+
+# ---------------------------------------------------------------------- layer loops
+class LayerLoop:
+  """How a `Stack` runs its layer groups.
+
+  `run(stack, body, x, cache, *, mask, bias, deterministic) -> (x, new_cache, aux)`: `body(x,
+  layer, cache_i) -> (x, cache_i, aux_i)` is one layer group's forward (remat already applied);
+  `stack.layers` holds the groups stacked on a leading axis and `cache` the matching stacked
+  caches (or None). `aux` maps each aux loss to its per-group values [num_groups] (or is {}).
+  """
+  name = ''
+
+  def run(self, stack: Stack, body, x, cache, *, mask, bias, deterministic):
+    raise NotImplementedError
+
+
+LAYER_LOOPS: dict[str, LayerLoop] = {}
+
+
+def register_loop(loop: type[LayerLoop]) -> type[LayerLoop]:
+  LAYER_LOOPS[loop.name] = loop()
+  return loop
+
+
+def layer_loop(cfg: ModelConfig) -> LayerLoop:
+  """The strategy the config asks for: reversible, else scanned, else unrolled."""
+  if cfg.reversible:
+    return LAYER_LOOPS['reversible']
+  return LAYER_LOOPS['scan' if cfg.scan_layers else 'unrolled']
+
+
+@register_loop
+class ScanLoop(LayerLoop):
+  """`nnx.scan` over the groups: one traced body, so compile time does not grow with depth."""
+  name = 'scan'
+
+  def run(self, stack, body, x, cache, **_):
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                    transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    return scan(x, stack.layers, cache)
+
+
+@register_loop
+class UnrolledLoop(LayerLoop):
+  """A Python loop over the groups, each sliced out of the stacked parameters and written back."""
+  name = 'unrolled'
+
+  def run(self, stack, body, x, cache, **_):
+    graphdef, state = nnx.split(stack.layers)
     states, caches, auxes = [], [], []
-    for i in range(self.num_groups):
+    for i in range(stack.num_groups):
       layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
       c = None if cache is None else jax.tree.map(lambda a: a[i], cache)
       x, c, aux = body(x, layer, c)
       states.append(nnx.state(layer))
       caches.append(c)
       auxes.append(aux)
-    nnx.update(self.layers, jax.tree.map(lambda *a: jnp.stack(a), *states))
-    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-    return x, (None if cache is None else stack(caches)), stack(auxes)
+    nnx.update(stack.layers, jax.tree.map(lambda *a: jnp.stack(a), *states))
+    stack_of = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    return x, (None if cache is None else stack_of(caches)), stack_of(auxes)
+
+
+@register_loop
+class ReversibleLoop(LayerLoop):
+  """Reversible residual layers (models/reversible.py): runs the attention and FFN branches of
+  each layer itself, so it does not call `body`; dense layers only, hence no aux losses."""
+  name = 'reversible'
+
+  def run(self, stack, body, x, cache, *, mask, bias, deterministic):
+    del body  # the branches are called separately; remat has nothing to add (see reversible)
+    x, new_cache = reversible.reversible_stack(
+        stack.layers, x, mask, bias=bias, cache=cache, deterministic=deterministic,
+        scan=stack.cfg.scan_layers)
+    return x, new_cache, {}

@@ -268,3 +268,21 @@ def test_every_parameter_has_logical_axis_names():
       names = v.get_metadata().get('out_sharding')
       assert names is not None and len(names) == v[...].ndim, (path, names, v[...].shape)
       assert all(n is None or isinstance(n, str) for n in names)
+
+
+def test_layer_loops_are_strategies_chosen_by_config():
+  from jaxformer.models import stack as stack_lib
+  cfg = DECODERS['llama_gqa']
+  assert set(stack_lib.LAYER_LOOPS) >= {'scan', 'unrolled', 'reversible'}
+  assert stack_lib.layer_loop(cfg).name == 'scan'
+  assert stack_lib.layer_loop(cfg.replace(scan_layers=False)).name == 'unrolled'
+  assert stack_lib.layer_loop(cfg.replace(reversible=True)).name == 'reversible'
+
+
+@pytest.mark.parametrize('name', ['transformer_xl', 'rnn'])
+def test_families_without_the_shared_stack_refuse_its_loop_options(name):
+  family(name)  # the presets turn scanning off
+  with pytest.raises(ConfigError, match='model.scan_layers.*runs its own layers'):
+    family(name, scan_layers=True)
+  with pytest.raises(ConfigError, match="model.remat.*must be 'none'"):
+    family(name, remat='full')
