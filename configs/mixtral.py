@@ -17,7 +17,8 @@ The top-k router is computed densely by default (`model.moe.dispatch='auto'`: ev
 on every token and the combine weights zero the unchosen ones), so a step costs E/k = 4x the
 FLOPs of a sparse kernel; `--config.model.moe.dispatch=ragged` is dropless and equal to it
 (sparse where `ragged_dot` has a grouped kernel), and `--config.parallel.mesh.expert=8` with
-'capacity' or 'ragged' runs the experts expert-parallel (docs/parallelism.md). Optimizer: the paper publishes none; LLaMA's AdamW (0.9, 0.95), eps 1e-5,
+'capacity' or 'ragged' runs the experts expert-parallel (docs/parallelism.md).
+Optimizer: the paper publishes none; LLaMA's AdamW (0.9, 0.95), eps 1e-5,
 weight decay 0.1, clip 1.0, warmup then cosine to 10%. 8x7b (64 x 4096 bytes, 500 steps) makes
 about 12 passes over the 10.6M training bytes: it runs the architecture at scale, it is not a
 pre-training recipe. Expected results: not yet measured.

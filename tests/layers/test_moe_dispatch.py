@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_moe import B, D, E, T, _cfg, _np, _np_expert, _randomise, _softmax, _x
+from test_moe import B, E, T, _cfg, _np, _np_expert, _randomise, _softmax, _x
 
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import MoE

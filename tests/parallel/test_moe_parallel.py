@@ -97,7 +97,7 @@ def _train(prog, batches):
 
 
 def _expert_weight_gathers(text):
-  """All-gathers whose result has the shape of a whole expert weight [.., E, D, F] / [.., E, F, D]."""
+  """All-gathers whose result is shaped like a whole expert weight [.., E, D, F] / [.., E, F, D]."""
   shape = re.compile(rf'\[(?:\d+,)*{E},(?:{D},{F}|{F},{D})\]')
   return [line.strip()[:160] for line in text.splitlines()
           if re.search(r'all-gather(-start)?\(', line) and shape.search(line.split('(')[0])]
