@@ -13,9 +13,12 @@ router z-loss (0.001):
   8x7b   the paper's shape: d=4096, 32 layers, 32 / 8 heads, experts of FFN 14336, RoPE theta
          10^6, full attention over 4096 tokens (the paper: 32k); a GPU cluster or TPU pod slice,
          bf16 compute, remat, FSDP over all devices.
-The top-k router is computed densely here (every expert runs on every token and the combine
-weights zero the unchosen ones), so a step costs E/k = 4x the FLOPs of a sparse kernel; the
-results are the same. Optimizer: the paper publishes none; LLaMA's AdamW (0.9, 0.95), eps 1e-5,
+The top-k router is computed densely by default (`model.moe.dispatch='auto'`: every expert runs
+on every token and the combine weights zero the unchosen ones), so a step costs E/k = 4x the
+FLOPs of a sparse kernel; `--config.model.moe.dispatch=ragged` is dropless and equal to it
+(sparse where `ragged_dot` has a grouped kernel), and `--config.parallel.mesh.expert=8` with
+'capacity' or 'ragged' runs the experts expert-parallel (docs/parallelism.md).
+Optimizer: the paper publishes none; LLaMA's AdamW (0.9, 0.95), eps 1e-5,
 weight decay 0.1, clip 1.0, warmup then cosine to 10%. 8x7b (64 x 4096 bytes, 500 steps) makes
 about 12 passes over the 10.6M training bytes: it runs the architecture at scale, it is not a
 pre-training recipe. Expected results: not yet measured.

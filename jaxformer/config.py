@@ -68,6 +68,9 @@ ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
 POSITIONS = ('none', 'sinusoidal', 'learned', 'shaw', 't5', 'rope', 'alibi')
 ROPE_SCALINGS = ('none', 'linear', 'ntk')
 ROUTERS = ('topk', 'switch', 'hash', 'soft')
+# How routed tokens reach their experts (jaxformer.layers.moe_dispatch); 'auto' is the router's
+# historical one: dense for topk and hash, capacity for switch.
+DISPATCHES = ('auto', 'dense', 'capacity', 'ragged')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
 INITS = ('normal', 'xavier', 'lecun')
 
@@ -146,6 +149,16 @@ class MoEConfig:
   router: topk (GShard / Mixtral), switch (top-1 with capacity and token dropping), hash
   (token id modulo experts), soft (Soft MoE slots). MoE replaces the FFN in every
   `every`-th layer (layer index % every == every - 1).
+
+  dispatch: how the routed (token, expert) assignments reach the experts, independent of the
+  router (`jaxformer.layers.moe_dispatch`): 'dense' runs every expert on every token and zeroes
+  the unchosen ones (the oracle; E/k times the sparse FLOPs), 'capacity' scatters tokens into
+  per-expert buffers of capacity_factor * k * T / E slots per row (GShard / Switch; tokens over
+  capacity are dropped, earlier positions win), 'ragged' sorts the assignments by expert and
+  runs `jax.lax.ragged_dot` (dropless). 'auto' keeps each router's original one: dense for topk
+  and hash, capacity for switch. Soft MoE has its own slot dispatch and takes only 'auto'.
+  With a mesh 'expert' axis > 1, capacity and ragged run the experts under `shard_map` with
+  all-to-all token exchange (expert parallelism).
   """
   num_experts: int = 0
   top_k: int = 2
@@ -157,6 +170,7 @@ class MoEConfig:
   load_balance_weight: float = 0.01
   z_loss_weight: float = 0.001
   jitter: float = 0.0
+  dispatch: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +320,7 @@ class ModelConfig:
     check_choice('model.position.kind', p.kind, POSITIONS)
     check_choice('model.position.rope_scaling', p.rope_scaling, ROPE_SCALINGS)
     check_choice('model.moe.router', self.moe.router, ROUTERS)
+    check_choice('model.moe.dispatch', self.moe.dispatch, DISPATCHES)
     check_choice('model.remat', self.remat, REMAT_POLICIES)
     check_choice('model.init', self.init, INITS)
     check_choice('model.dtype', self.dtype, DTYPES)
@@ -355,6 +370,10 @@ class ModelConfig:
         fail('model.moe.capacity_factor', m.capacity_factor, 'must be > 0')
       if m.every <= 0:
         fail('model.moe.every', m.every, 'must be a positive integer')
+      if m.router == 'soft' and m.dispatch != 'auto':
+        fail('model.moe.dispatch', m.dispatch,
+             "must be 'auto' for router 'soft' (Soft MoE dispatches to slots by its own "
+             "softmax); 'dense', 'capacity' and 'ragged' serve the topk, switch and hash routers")
     if self.memory_length < 0:
       fail('model.memory_length', self.memory_length, 'must be >= 0 (0: no memory)')
     if self.segment_length is not None and self.segment_length <= 0:

@@ -61,3 +61,22 @@ def test_parallel_layouts_writes_csv_plot_and_matches_the_textbook(tmp_path):
   assert fsdp['all_reduce_bytes'] + fsdp['reduce_scatter_bytes'] >= layers
   assert by['tp8']['all_reduce_bytes'] >= by['tp8']['textbook_bytes']  # 4 per layer at least
   assert os.path.getsize(out[:-4] + '.png') > 1000
+
+
+def test_moe_dispatch_writes_csv_plot_and_counts_fewer_flops_than_dense(tmp_path):
+  import moe_dispatch  # noqa: E402  (experiments/moe_dispatch.py)
+  out = str(tmp_path / 'moe.csv')
+  rows = moe_dispatch.main(['--experts', '4,8', '--batch', '2', '--length', '16', '--d-model',
+                            '16', '--ffn', '32', '--repeats', '1', '--out', out])
+  with open(out) as f:
+    saved = list(csv.DictReader(f))
+  assert [(int(r['experts']), r['dispatch']) for r in saved] == [
+      (e, d) for e in (4, 8) for d in moe_dispatch.DISPATCHES]
+  assert all(r['status'] == 'ok' for r in rows), rows
+  by = {(r['experts'], r['dispatch']): r for r in rows}
+  # Dense runs all E experts on every token, capacity E * C slots per row (C = ceil(1.25 * 2 *
+  # 16 / E)): at E = 8 that is 8 * 5 = 40 slots per row against dense's 8 * 16 = 128.
+  assert by[(8, 'capacity')]['flops'] < 0.6 * by[(8, 'dense')]['flops']
+  assert by[(8, 'dense')]['flops'] > 1.5 * by[(4, 'dense')]['flops']  # linear in E
+  assert by[(4, 'dense')]['flops_ratio_vs_dense'] == 1.0
+  assert os.path.getsize(out[:-4] + '.png') > 1000

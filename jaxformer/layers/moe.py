@@ -6,18 +6,15 @@ wo [E, F, D] ('expert', 'mlp', 'embed'), biases bi* [E, F], bo [E, D]. Routers (
 
 topk   (Shazeer et al. 2017; GShard; Mixtral): logits r = x W_r ([D, E], no bias), p = softmax(r)
        in float32, keep the top-k p and renormalise them when cfg.moe.normalize_top_k:
-       y = sum_{e in topk} w_e FFN_e(x). Dropless: every token reaches its k experts (no
-       capacity), exactly HF MixtralSparseMoeBlock. Computed densely: all experts run on all
-       tokens ('BTD,EDF->BTEF') and the combine weights [B, T, E] zero the others, so the cost
-       is E/k times a sparse kernel's but memory stays linear in T and the expert axis shards.
-switch (Fedus et al. 2021): top-1, w = p_e. Capacity C = ceil(capacity_factor * T / E) tokens
-       per expert per group (group = one batch row); tokens claim slots in position order and
-       those over capacity are dropped: the MoE outputs 0 for them (the residual carries them).
-       Dense dispatch [B, T, E, C] (0/1) and combine (dispatch * w) tensors:
-       expert_in = einsum('BTEC,BTD->EBCD'), y = einsum('BTEC,EBCD->BTD').
-       Earlier tokens win slots, so it is causal; but capacity depends on the T of each call,
-       so KV-cached decoding (T = 1, never drops) equals the full forward only when nothing
-       was dropped there (e.g. capacity_factor >= E).
+       y = sum_{e in topk} w_e FFN_e(x); exactly HF MixtralSparseMoeBlock with the dropless
+       dispatchers. Default dispatch 'dense': all experts run on all tokens and the combine
+       weights zero the others (E/k times a sparse kernel's cost); 'ragged' is the sparse form.
+switch (Fedus et al. 2021): top-1, w = p_e. Default dispatch 'capacity' with C =
+       ceil(capacity_factor * T / E) slots per expert per group (group = one batch row);
+       tokens claim slots in position order and those over capacity are dropped: the MoE
+       outputs 0 for them (the residual carries them). Earlier tokens win slots, so it is
+       causal; but capacity depends on the T of each call, so KV-cached decoding (T = 1, never
+       drops) equals the full forward only when nothing was dropped there.
 hash   (Roller et al. 2021): expert = token_id % E, weight 1, dropless; needs `token_ids`.
 soft   (Puigcerver et al. 2023): logits X Phi, Phi [D, E, S] (S = slots_per_expert);
        dispatch = softmax over tokens per slot, slot inputs X~ = D^T X [E, B, S, D];
@@ -33,7 +30,14 @@ cfg.moe.z_loss_weight):
       `load_balancing_loss_func` counts assignments per token (its f sums to k), so it equals k
       times this value for one layer.
   router_z_loss = mean over valid tokens of logsumexp(r)^2  (ST-MoE, Zoph et al. 2022).
-Both are 0 for hash and soft routing (no learned top-k choice to balance).
+Both are 0 for hash and soft routing (no learned top-k choice to balance). Both are computed
+here, on the global [B, T] arrays, whatever the dispatcher and however it is sharded.
+
+Dispatch (`cfg.moe.dispatch`, `jaxformer.layers.moe_dispatch`): topk, switch and hash produce
+a `Routing` (K expert ids and weights per token) that any dispatcher serves: 'dense',
+'capacity' (capacity_factor * K * T / E slots, earlier tokens win) or 'ragged' (dropless
+`ragged_dot`); 'auto' = dense for topk and hash, capacity for switch. With a mesh 'expert' axis
+> 1, capacity and ragged run as expert parallelism (shard_map + all_to_all).
 
 `mask` [B, T] (True = real token): padding takes no capacity, counts in no loss, and gets output 0.
 Jitter (Switch): when cfg.moe.jitter > 0 and not deterministic, the router input (only) is
@@ -43,17 +47,16 @@ Einsum letters: B batch, T length, D model dim, F ffn dim, E experts, C capacity
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice, fail
+from jaxformer.config import ACTIVATIONS, DISPATCHES, ModelConfig, check_choice, fail
 from jaxformer.layers.base import make_init, param, residual_init, zeros
+from jaxformer.layers import moe_dispatch
+from jaxformer.layers.ffn import activation, ffn_weight_specs
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
-from jaxformer.layers.ffn import activation, ffn_weight_specs
 
 AUX_KEYS = ('load_balance_loss', 'router_z_loss')
 
@@ -95,6 +98,11 @@ class MoE(nnx.Module):
     if m.router == 'soft' and m.slots_per_expert <= 0:
       fail('model.moe.slots_per_expert', m.slots_per_expert, 'must be a positive integer')
     self.router_kind = m.router
+    check_choice('model.moe.dispatch', m.dispatch, DISPATCHES)
+    if m.router == 'soft' and m.dispatch != 'auto':
+      fail('model.moe.dispatch', m.dispatch, "must be 'auto' for router 'soft'")
+    self.dispatch = (m.dispatch if m.dispatch != 'auto' else
+                     'capacity' if m.router == 'switch' else 'dense')
     self.num_experts = e = m.num_experts
     self.top_k = m.top_k if m.router == 'topk' else 1
     self.normalize_top_k = m.normalize_top_k
@@ -126,41 +134,20 @@ class MoE(nnx.Module):
     self.jitter_rngs = rngs['dropout'].fork() if use_jitter else nnx.data(None)
 
   # ------------------------------------------------------------------ experts
-  def _w(self, name):
-    w = getattr(self, name, None)
-    return None if w is None else w[...].astype(self.dtype)
+  def _experts(self, deterministic: bool) -> moe_dispatch.Experts:
+    w = {}
+    for name in ('wi_gate', 'wi_up', 'wi', 'wo', 'bi_gate', 'bi_up', 'bi', 'bo'):
+      v = getattr(self, name, None)
+      if v is not None:
+        w[name] = v[...].astype(self.dtype)
+    return moe_dispatch.Experts(w, activation(self.activation), self.gated,
+                                lambda h: self.dropout(h, deterministic=deterministic))
 
-  def _experts(self, x, combine=None, *, deterministic):
-    """Expert FFNs. x [E, B, C, D] -> [E, B, C, D]; or, with combine [B, T, E], the dense
-    dropless form: x [B, T, D] -> sum_e combine_e FFN_e(x) [B, T, D]."""
-    dense = combine is not None
-    spec_in, spec_out = (('BTD,EDF->BTEF', 'BTEF,EFD->BTD') if dense else
-                         ('EBCD,EDF->EBCF', 'EBCF,EFD->EBCD'))
-    names = R.DENSE_EXPERT_HIDDEN if dense else R.EXPERT_HIDDEN
-
-    def proj(w, b):
-      y = jnp.einsum(spec_in, x, self._w(w))
-      bias = self._w(b)
-      if bias is not None:
-        y = y + (bias if dense else bias[:, None, None, :])
-      return y
-
-    act = activation(self.activation)
-    if self.gated:
-      h = act(proj('wi_gate', 'bi_gate')) * proj('wi_up', 'bi_up')
-    else:
-      h = act(proj('wi', 'bi'))
-    h = constrain(h, names)
-    h = self.dropout(h, deterministic=deterministic)
-    bo = self._w('bo')
-    if dense:
-      h = h * combine.astype(h.dtype)[..., None]
-      y = jnp.einsum(spec_out, h, self._w('wo'))
-      if bo is not None:
-        y = y + jnp.einsum('BTE,ED->BTD', combine.astype(y.dtype), bo)
-      return y
-    y = jnp.einsum(spec_out, h, self._w('wo'))
-    return y if bo is None else y + bo[:, None, None, :]
+  def _dispatch(self, x, routing, deterministic):
+    # Expert dropout draws its masks from NNX streams, which cannot enter shard_map.
+    ep = deterministic or self.dropout.rate == 0
+    return moe_dispatch.run(self.dispatch, x, routing, self._experts(deterministic),
+                            self.capacity_factor, expert_parallel=ep)
 
   # ------------------------------------------------------------------ routing
   def _router_logits(self, x, deterministic):
@@ -172,9 +159,9 @@ class MoE(nnx.Module):
     return constrain(logits, R.ROUTER_LOGITS)
 
   def capacity(self, num_tokens: int) -> int:
-    """Switch capacity per expert per group: ceil(capacity_factor * T / E), at most T."""
-    return max(1, min(num_tokens,
-                      math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
+    """Capacity-dispatch slots per expert per group: ceil(capacity_factor * k * T / E), <= T."""
+    return moe_dispatch.capacity_slots(self.capacity_factor, self.top_k, num_tokens,
+                                       self.num_experts)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                token_ids: jax.Array | None = None, deterministic: bool = True
@@ -190,8 +177,9 @@ class MoE(nnx.Module):
       if token_ids is None:
         raise ValueError("MoE router 'hash' (model.moe.router) routes by token id: pass "
                          'token_ids [B, T] to MoE.__call__')
-      combine = jax.nn.one_hot(token_ids % self.num_experts, self.num_experts) * vf[..., None]
-      y = self._experts(xc, combine, deterministic=deterministic)
+      routing = moe_dispatch.Routing((token_ids % self.num_experts)[..., None],
+                                     jnp.ones((b, t, 1), jnp.float32), valid)
+      y = self._dispatch(xc, routing, deterministic)
       return y.astype(self.dtype), {k: zero for k in AUX_KEYS}
 
     logits = self._router_logits(x, deterministic)
@@ -200,12 +188,12 @@ class MoE(nnx.Module):
       top_p, top_i = jax.lax.top_k(probs, self.top_k)
       if self.normalize_top_k:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-      chosen = jax.nn.one_hot(top_i, self.num_experts)            # [B, T, k, E]
-      combine = jnp.einsum('BTKE,BTK->BTE', chosen, top_p) * vf[..., None]
-      y = self._experts(xc, combine, deterministic=deterministic)
-      assigned = jnp.sum(chosen, axis=2) / self.top_k             # [B, T, E]
-    else:
-      y, assigned = self._switch(xc, probs, vf, deterministic)
+    else:  # switch: top-1 with the raw probability as its weight
+      top_i = jnp.argmax(probs, axis=-1)[..., None]
+      top_p = jnp.max(probs, axis=-1)[..., None]
+    y = self._dispatch(xc, moe_dispatch.Routing(top_i, top_p, valid), deterministic)
+    # Fraction of the k assignments of each token that chose e (before any capacity).
+    assigned = jnp.sum(jax.nn.one_hot(top_i, self.num_experts), axis=2) / self.top_k
     n = jnp.maximum(jnp.sum(vf), 1.0)
     f = jnp.einsum('BTE,BT->E', assigned, vf) / n
     p = jnp.einsum('BTE,BT->E', probs, vf) / n
@@ -213,23 +201,6 @@ class MoE(nnx.Module):
     aux = {'load_balance_loss': self.num_experts * jnp.sum(f * p),
            'router_z_loss': jnp.sum(jnp.square(z) * vf) / n}
     return y.astype(self.dtype), aux
-
-  def _switch(self, x, probs, vf, deterministic):
-    _, t, _ = x.shape
-    cap = self.capacity(t)
-    chosen = jax.nn.one_hot(jnp.argmax(probs, axis=-1), self.num_experts) * vf[..., None]
-    gate = jnp.max(probs, axis=-1)                                   # [B, T]
-    # Slot of each token within its expert's buffer, in position order; padding takes none.
-    slot = (jnp.cumsum(chosen, axis=1) - 1.0) * chosen             # [B, T, E]
-    kept = chosen * (slot < cap)
-    dispatch = kept[..., None] * jax.nn.one_hot(slot.astype(jnp.int32), cap)  # [B, T, E, C]
-    combine = dispatch * gate[:, :, None, None]
-    expert_in = jnp.einsum('BTEC,BTD->EBCD', dispatch.astype(x.dtype), x)
-    expert_in = constrain(expert_in, R.EXPERT_TOKENS)
-    expert_out = self._experts(expert_in, deterministic=deterministic)
-    expert_out = constrain(expert_out, R.EXPERT_TOKENS)
-    y = jnp.einsum('BTEC,EBCD->BTD', combine.astype(x.dtype), expert_out)
-    return y, chosen
 
   def _soft(self, x, valid, deterministic):
     b, t, _ = x.shape
@@ -243,6 +214,6 @@ class MoE(nnx.Module):
     combine = combine * valid[:, :, None, None]
     slots = jnp.einsum('BTES,BTD->EBSD', dispatch.astype(x.dtype), x)
     slots = constrain(slots, R.EXPERT_TOKENS)
-    out = self._experts(slots, deterministic=deterministic)
+    out = self._experts(deterministic).buffers(slots)
     out = constrain(out, R.EXPERT_TOKENS)
     return jnp.einsum('BTES,EBSD->BTD', combine.astype(x.dtype), out).astype(self.dtype)
