@@ -8,14 +8,16 @@ batch and head axes, as `shard_kernel` does), where each device holds L / C toke
 segment ids and positions.
 
   * 'ring': ring attention (`jaxformer.parallel.ring`): K/V blocks travel around the ring with
-    `ppermute`, an online softmax merges them, and the backward pass is a ring too. No device
-    ever holds more than two K/V shards. Causal masks use zig-zag order (device d holds chunks d
+    `ppermute`, an online softmax merges them, and the backward pass is a ring too. A device
+    holds its shard, the K/V block in flight and one key tile of scores [B, N, L / 2C, block_k]
+    (option `block_k`, default 512). Causal masks use zig-zag order (device d holds chunks d
     and 2C-1-d of 2C), so the layer moves its shards into that order and back (two ppermutes of
     half a shard per array); sliding windows skip the blocks outside the band. L must be a
     multiple of 2C.
   * 'context_allgather': each device all-gathers K/V (and their segment ids and positions)
     over the context axis and attends with its local queries (the backward pass reduce-scatters
-    dK, dV). Simple, but holds the full K/V: O(L) memory per device. L must be a multiple of C.
+    dK, dV) through the reference core. Simple, but holds the full K/V and the dense
+    [B, N, L / C, L] scores. L must be a multiple of C.
 
 Without a context axis (no layout, or C = 1) 'ring' runs the same blockwise code with no ring
 (one device, two chunks) when L is even, and the reference core otherwise; 'context_allgather'
@@ -44,7 +46,6 @@ from jaxformer.parallel.sharding import active_layout
 
 P = jax.sharding.PartitionSpec
 CONTEXT = 'context'
-IMPLS = ('ring', 'context_allgather')
 
 _NO_BIAS = ('a dense [T, S] bias would travel around the ring with K/V, as large as what '
             "context parallelism avoids; use RoPE (or impl 'xla' without context parallelism)")
@@ -111,9 +112,11 @@ def check_length(length: int, size: int, impl: str) -> None:
 class _ContextAttention(nnx.Module):
   features = frozenset({'causal', 'padding', 'segments', 'window', 'softcap'})
 
+  option_defaults: dict = {}
+
   def __init__(self, cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int,
                dtype=None, param_dtype=None, rngs: nnx.Rngs | None = None, **unused):
-    registry.options(cfg, {})
+    self.opts = registry.options(cfg, self.option_defaults)
     del num_heads, num_kv_heads, dtype, param_dtype, rngs, unused  # no parameters
     self.scale = cfg.scale if cfg.scale is not None else head_dim ** -0.5
     self.logit_softcap = cfg.logit_softcap
@@ -133,10 +136,7 @@ class _ContextAttention(nnx.Module):
     check_length(q.shape[1], size, self.impl)
     layout = active_layout()
     qspec, sspec = _specs(layout, q, k)
-    args = (q, k, v) + _local_mask_arrays(q, mask)
-    local = lambda *a: self._local(*a, mask=mask, size=size)  # noqa: E731
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(qspec,) * 3 + (sspec,) * 4,
-                         out_specs=qspec, check_vma=False)(*args)
+    return self._sharded(q, k, v, mask, size, layout.mesh, qspec, sspec)
 
   def _reference(self, q, k, v, mask):
     return dot_product_attention(q, k, v, mask, scale=self.scale,
@@ -145,28 +145,39 @@ class _ContextAttention(nnx.Module):
 
 @registry.register('dot_product', 'ring', unsupported=dict(_COMMON, bias=_NO_BIAS))
 class RingAttention(_ContextAttention):
-  """Ring attention over the 'context' mesh axis (module docstring). No options."""
+  """Ring attention over the 'context' mesh axis (module docstring).
+
+  Options (`model.attention.options`): `block_k` (default 512), the keys per inner tile of a
+  block; a device's working set is [B, N, c, block_k] scores for chunks of c = L / 2C tokens
+  (a chunk that `block_k` does not divide is one tile).
+  """
 
   impl = 'ring'
+  option_defaults = {'block_k': 512}
+  example_options = {'block_k': 2}
+
+  def __init__(self, cfg: AttentionConfig, **kwargs):
+    super().__init__(cfg, **kwargs)
+    block_k = self.opts['block_k']
+    if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1:
+      raise ConfigError(f'model.attention.options.block_k={block_k!r} is invalid: it must be '
+                        'a positive integer')
+    self.block_k = block_k
+
+  def _sharded(self, q, k, v, mask, size, mesh, qspec, sspec):
+    return self._ring(q, k, v, mask, size, mesh=mesh, axis_name=CONTEXT, qkv_spec=qspec,
+                      mask_spec=sspec)
 
   def _one_device(self, q, k, v, mask):
-    t = q.shape[1]
-    if t % 2:
+    if q.shape[1] % 2:
       return self._reference(q, k, v, mask)
-    sched = ring.schedule(1, t, causal=mask.causal, window=mask.window)
-    return ring.ring_attention(q, k, v, *_local_mask_arrays(q, mask), sched=sched,
-                               axis_name=None, scale=self.scale, causal=mask.causal,
-                               window=mask.window, logit_softcap=self.logit_softcap)
+    return self._ring(q, k, v, mask, 1)
 
-  def _local(self, q, k, v, qs, ks, qp, kp, *, mask, size):
-    sched = ring.schedule(size, q.shape[1] * size, causal=mask.causal, window=mask.window)
-    if sched.zigzag:
-      q, k, v, qs, ks, qp, kp = (ring.to_zigzag(x, CONTEXT, size)
-                                 for x in (q, k, v, qs, ks, qp, kp))
-    out = ring.ring_attention(q, k, v, qs, ks, qp, kp, sched=sched, axis_name=CONTEXT,
-                              scale=self.scale, causal=mask.causal, window=mask.window,
-                              logit_softcap=self.logit_softcap)
-    return ring.from_zigzag(out, CONTEXT, size) if sched.zigzag else out
+  def _ring(self, q, k, v, mask, size, **where):
+    sched = ring.schedule(size, q.shape[1], causal=mask.causal, window=mask.window)
+    return ring.ring_attention(q, k, v, *_local_mask_arrays(q, mask), sched=sched,
+                               scale=self.scale, causal=mask.causal, window=mask.window,
+                               logit_softcap=self.logit_softcap, block_k=self.block_k, **where)
 
 
 @registry.register('dot_product', 'context_allgather', unsupported=dict(_COMMON, bias=_NO_BIAS))
@@ -178,8 +189,13 @@ class AllGatherContextAttention(_ContextAttention):
   def _one_device(self, q, k, v, mask):
     return self._reference(q, k, v, mask)
 
-  def _local(self, q, k, v, qs, ks, qp, kp, *, mask, size):
+  def _sharded(self, q, k, v, mask, size, mesh, qspec, sspec):
     del size
+    local = lambda *a: self._local(*a, mask=mask)  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=(qspec,) * 3 + (sspec,) * 4,
+                         out_specs=qspec, check_vma=False)(q, k, v, *_local_mask_arrays(q, mask))
+
+  def _local(self, q, k, v, qs, ks, qp, kp, *, mask):
     gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
     k, v, ks, kp = gather(k), gather(v), gather(ks), gather(kp)
     local = AttentionMask(q_segment_ids=qs, kv_segment_ids=ks, q_positions=qp, kv_positions=kp,

@@ -162,6 +162,14 @@ class _Static:
   causal: bool
   window: int | None
   softcap: float | None
+  tile: int  # keys per inner tile of a block
+  mesh: jax.sharding.Mesh | None = None  # None: called on local arrays, no shard_map
+  specs: tuple | None = None  # PartitionSpecs of q / k, of [B, T] arrays and of the lse
+
+
+def key_tile(chunk: int, block_k: int) -> int:
+  """The inner key tile of a chunk: `block_k` when it divides the chunk, else the whole chunk."""
+  return block_k if chunk > block_k and chunk % block_k == 0 else chunk
 
 
 def _shift(xs, st: _Static, by: int = 1):
@@ -181,6 +189,10 @@ def _half(x, i: int, c: int):
   return x[:, i * c:(i + 1) * c]
 
 
+def _tile(x, start, size: int):
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
 def _logits(q, k, qs, ks, qp, kp, st: _Static):
   """(z [B, K, G, Tq, Sk] float32 after capping, allowed [B, 1, 1, Tq, Sk], tanh or None)."""
   z = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * st.scale
@@ -197,47 +209,75 @@ def _logits(q, k, qs, ks, qp, kp, st: _Static):
   return z, allowed[:, None, None], t
 
 
-def _run(vis, fn, carry, d, r, a, b):
-  """`fn(carry)` where block (a, b) of step r is visible on this device (static when uniform)."""
-  col = vis[:, r, a, b]
-  if not col.any():
-    return carry
-  if col.all():
-    return fn(carry)
-  return jax.lax.cond(jnp.asarray(col)[d], fn, lambda c: c, carry)
+def _run(st: _Static, fn, carry, d, r, a, b):
+  """`fn(carry)` where block (a, b) of step r is visible on this device. With a static step r a
+  block that every device computes (or none) needs no branch."""
+  vis = st.sched.visible
+  if isinstance(r, int):
+    col = vis[:, r, a, b]
+    if not col.any():
+      return carry
+    if col.all():
+      return fn(carry)
+    flag = jnp.asarray(col)[d]
+  else:
+    flag = jnp.asarray(vis[:, :, a, b])[d, r]
+  return jax.lax.cond(flag, fn, lambda c: c, carry)
+
+
+def _ring_loop(step, carry, st: _Static):
+  """Runs `step(r, carry)` for r = 0 .. R-1; step 0 unrolled (its blocks are known statically),
+  the rest in a loop, so one step's buffers are live at a time."""
+  carry = step(0, carry)
+  if st.sched.steps > 1:
+    carry = jax.lax.fori_loop(1, st.sched.steps, step, carry)
+  return carry
 
 
 def _forward(q, k, v, qs, ks, qp, kp, st: _Static):
   b, t, n, h = q.shape
   kh = k.shape[2]
-  c = t // 2
-  qg = q.reshape(b, t, kh, n // kh, h)
+  g, c, kt = n // kh, t // 2, st.tile
+  qg = q.reshape(b, t, kh, g, h)
   d = _me(st)
-  acc = []
-  for a in range(2):
-    shape = (b, kh, n // kh, c)
-    acc.append((jnp.zeros(shape + (h,), jnp.float32), jnp.full(shape, MASKED_LOGIT, jnp.float32),
-                jnp.zeros(shape, jnp.float32)))
-  kv = (k, v, ks, kp)
-  for r in range(st.sched.steps):
-    if r:
-      kv = _shift(kv, st)
+  # The fill values of masked entries, tied to q (see `_tie`): a literal broadcast to a block's
+  # shape would be hoisted out of a scan over layers and stacked over the ring steps.
+  zero, = _tie(q, jnp.zeros((), jnp.float32))
+  masked = zero + MASKED_LOGIT
+  shape = (b, kh, g, c)
+  acc = tuple((jnp.zeros(shape + (h,), jnp.float32), jnp.full(shape, MASKED_LOGIT, jnp.float32),
+               jnp.zeros(shape, jnp.float32)) for _ in range(2))
+
+  def tiles(a, bb, kv, carry):
     k_, v_, ks_, kp_ = kv
+    qa, qsa, qpa = _half(qg, a, c), _half(qs, a, c), _half(qp, a, c)
+
+    def tile(i, carry):
+      o, m, l = carry
+      s0 = bb * c + i * kt
+      z, allowed, _ = _logits(qa, _tile(k_, s0, kt), qsa, _tile(ks_, s0, kt), qpa,
+                              _tile(kp_, s0, kt), st)
+      z = jnp.where(allowed, z, masked)
+      m_new = jnp.maximum(m, z.max(-1))
+      corr = jnp.exp(m - m_new)
+      p = jnp.where(allowed, jnp.exp(z - m_new[..., None]), zero)
+      o = o * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p.astype(v_.dtype),
+                                           _tile(v_, s0, kt), preferred_element_type=jnp.float32)
+      return o, m_new, l * corr + p.sum(-1)
+
+    return jax.lax.fori_loop(0, c // kt, tile, carry)
+
+  def step(r, carry):
+    kv, acc = carry
+    if not isinstance(r, int) or r:
+      kv = _shift(kv, st)
+    acc = list(acc)
     for a in range(2):
       for bb in range(2):
-        def block(carry, a=a, bb=bb, k_=k_, v_=v_, ks_=ks_, kp_=kp_):
-          o, m, l = carry
-          z, allowed, _ = _logits(_half(qg, a, c), _half(k_, bb, c), _half(qs, a, c),
-                                  _half(ks_, bb, c), _half(qp, a, c), _half(kp_, bb, c), st)
-          z = jnp.where(allowed, z, MASKED_LOGIT)
-          m_new = jnp.maximum(m, z.max(-1))
-          corr = jnp.exp(m - m_new)
-          p = jnp.where(allowed, jnp.exp(z - m_new[..., None]), 0.0)
-          o = o * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p.astype(v_.dtype),
-                                               _half(v_, bb, c),
-                                               preferred_element_type=jnp.float32)
-          return o, m_new, l * corr + p.sum(-1)
-        acc[a] = _run(st.sched.visible, block, acc[a], d, r, a, bb)
+        acc[a] = _run(st, functools.partial(tiles, a, bb, kv), acc[a], d, r, a, bb)
+    return kv, tuple(acc)
+
+  _, acc = _ring_loop(step, ((k, v, ks, kp), acc), st)
   outs, lses = [], []
   for o, m, l in acc:
     seen = l > 0
@@ -250,61 +290,123 @@ def _forward(q, k, v, qs, ks, qp, kp, st: _Static):
 def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
   b, t, n, h = q.shape
   kh = k.shape[2]
-  g, c = n // kh, t // 2
+  g, c, kt = n // kh, t // 2, st.tile
   qg = q.reshape(b, t, kh, g, h)
   dog = dout.reshape(b, t, kh, g, h)
   # D = rowsum(dO * O), per query row.
   delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).reshape(b, t, kh, g)
   delta = jnp.einsum('BTKG->BKGT', delta)
   d = _me(st)
-  dq = [jnp.zeros((b, kh, g, c, h), jnp.float32) for _ in range(2)]
-  kv = (k, v, ks, kp)
+  zero, = _tie(dout, jnp.zeros((), jnp.float32))
+  dq = tuple(jnp.zeros((b, kh, g, c, h), jnp.float32) for _ in range(2))
   dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  for r in range(st.sched.steps):
-    if r:
-      kv, dkv = _shift((kv, dkv), st)
+
+  def tiles(a, bb, kv, carry):
     k_, v_, ks_, kp_ = kv
+    qa, doa = _half(qg, a, c), _half(dog, a, c)
+    qsa, qpa, lse_a = _half(qs, a, c), _half(qp, a, c), lse[a][..., None]
+    delta_a = delta[..., a * c:(a + 1) * c, None]
+
+    def tile(i, carry):
+      dq_a, (dk, dv) = carry
+      s0 = bb * c + i * kt
+      kb, vb = _tile(k_, s0, kt), _tile(v_, s0, kt)
+      z, allowed, tanh = _logits(qa, kb, qsa, _tile(ks_, s0, kt), qpa, _tile(kp_, s0, kt), st)
+      p = jnp.where(allowed, jnp.exp(z - lse_a), zero)
+      dv_t = jnp.einsum('BKGTS,BTKGH->BSKH', p.astype(doa.dtype), doa,
+                        preferred_element_type=jnp.float32)
+      dp = jnp.einsum('BTKGH,BSKH->BKGTS', doa, vb, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_a)
+      if tanh is not None:
+        ds = ds * (1.0 - tanh * tanh)
+      ds = ds * st.scale
+      dq_a = dq_a + jnp.einsum('BKGTS,BSKH->BKGTH', ds.astype(kb.dtype), kb,
+                               preferred_element_type=jnp.float32)
+      dk_t = jnp.einsum('BKGTS,BTKGH->BSKH', ds.astype(qa.dtype), qa,
+                        preferred_element_type=jnp.float32)
+      add = lambda x, y: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+          x, _tile(x, s0, kt) + y, s0, axis=1)
+      return dq_a, (add(dk, dk_t), add(dv, dv_t))
+
+    return jax.lax.fori_loop(0, c // kt, tile, carry)
+
+  def step(r, carry):
+    kv, dkv, dq = carry
+    if not isinstance(r, int) or r:
+      kv, dkv = _shift((kv, dkv), st)
+    dq = list(dq)
     for a in range(2):
       for bb in range(2):
-        def block(carry, a=a, bb=bb, k_=k_, v_=v_, ks_=ks_, kp_=kp_):
-          dq_a, (dk, dv) = carry
-          qa, doa = _half(qg, a, c), _half(dog, a, c)
-          kb, vb = _half(k_, bb, c), _half(v_, bb, c)
-          z, allowed, tanh = _logits(qa, kb, _half(qs, a, c), _half(ks_, bb, c),
-                                     _half(qp, a, c), _half(kp_, bb, c), st)
-          p = jnp.where(allowed, jnp.exp(z - lse[a][..., None]), 0.0)
-          dv_b = jnp.einsum('BKGTS,BTKGH->BSKH', p.astype(doa.dtype), doa,
-                            preferred_element_type=jnp.float32)
-          dp = jnp.einsum('BTKGH,BSKH->BKGTS', doa, vb, preferred_element_type=jnp.float32)
-          ds = p * (dp - delta[..., a * c:(a + 1) * c, None])
-          if tanh is not None:
-            ds = ds * (1.0 - tanh * tanh)
-          ds = ds * st.scale
-          dq_a = dq_a + jnp.einsum('BKGTS,BSKH->BKGTH', ds.astype(kb.dtype), kb,
-                                   preferred_element_type=jnp.float32)
-          dk_b = jnp.einsum('BKGTS,BTKGH->BSKH', ds.astype(qa.dtype), qa,
-                            preferred_element_type=jnp.float32)
-          sl = slice(bb * c, (bb + 1) * c)
-          return dq_a, (dk.at[:, sl].add(dk_b), dv.at[:, sl].add(dv_b))
-        dq[a], dkv = _run(st.sched.visible, block, (dq[a], dkv), d, r, a, bb)
+        dq[a], dkv = _run(st, functools.partial(tiles, a, bb, kv), (dq[a], dkv), d, r, a, bb)
+    return kv, dkv, tuple(dq)
+
+  _, dkv, dq = _ring_loop(step, ((k, v, ks, kp), dkv, dq), st)
   dk, dv = _shift(dkv, st, by=-(st.sched.steps - 1))
   dq = jnp.concatenate([jnp.einsum('BKGTH->BTKGH', x).reshape(b, c, n, h) for x in dq], axis=1)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ring(q, k, v, qs, ks, qp, kp, st):
-  return _forward(q, k, v, qs, ks, qp, kp, st)[0]
+def _tie(anchor, *xs):
+  """`xs`, each plus 0 x one element of `anchor`: the same values, now depending on `anchor`.
+
+  Inside a `lax.scan` over layers the mask arrays (and in tests K/V) are loop constants, and
+  JAX's partial evaluation hoists everything computed from constants alone out of the loop: the
+  masks and key tiles of every block of every ring step, stacked (4.2 GiB per device at L = 32k
+  on cp8, against 0.1 GiB tied to the queries or the cotangent, which vary per layer).
+  """
+  zero = anchor.reshape(-1)[0].astype(jnp.float32) * 0.0
+  return tuple(x + zero.astype(x.dtype) for x in xs)
 
 
-def _ring_fwd(q, k, v, qs, ks, qp, kp, st):
+def _forward_local(st: _Static, q, k, v, qs, ks, qp, kp):
+  """Contiguous local shards in, (out in contiguous order, lse in schedule order) out."""
+  k, v, qs, ks, qp, kp = _tie(q, k, v, qs, ks, qp, kp)
+  if st.sched.zigzag:
+    q, k, v, qs, ks, qp, kp = (to_zigzag(x, st.axis_name, st.sched.size)
+                               for x in (q, k, v, qs, ks, qp, kp))
   out, lse = _forward(q, k, v, qs, ks, qp, kp, st)
+  if st.sched.zigzag:
+    out = from_zigzag(out, st.axis_name, st.sched.size)
+  return out, lse
+
+
+def _backward_local(st: _Static, q, k, v, qs, ks, qp, kp, out, lse, dout):
+  q, k, v, qs, ks, qp, kp, out, lse = _tie(dout, q, k, v, qs, ks, qp, kp, out, lse)
+  if st.sched.zigzag:
+    q, k, v, qs, ks, qp, kp, out, dout = (to_zigzag(x, st.axis_name, st.sched.size)
+                                          for x in (q, k, v, qs, ks, qp, kp, out, dout))
+  grads = _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st)
+  if st.sched.zigzag:
+    grads = tuple(from_zigzag(g, st.axis_name, st.sched.size) for g in grads)
+  return grads
+
+
+def _call(st: _Static, fn, in_specs, out_specs, *args):
+  if st.mesh is None:
+    return fn(*args)
+  return jax.shard_map(fn, mesh=st.mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
+# The custom_vjp sits outside `shard_map`; its residuals are q, k, v, the mask arrays, out and
+# the log-sum-exp.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(st, q, k, v, qs, ks, qp, kp):
+  return _ring_fwd(st, q, k, v, qs, ks, qp, kp)[0]
+
+
+def _ring_fwd(st, q, k, v, qs, ks, qp, kp):
+  spec = st.specs or (None,) * 3
+  out, lse = _call(st, functools.partial(_forward_local, st), (spec[0],) * 3 + (spec[1],) * 4,
+                   (spec[0], spec[2]), q, k, v, qs, ks, qp, kp)
   return out, (q, k, v, qs, ks, qp, kp, out, lse)
 
 
 def _ring_bwd(st, res, dout):
-  q, k, v, qs, ks, qp, kp, out, lse = res
-  dq, dk, dv = _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st)
+  spec = st.specs or (None,) * 3
+  dq, dk, dv = _call(st, functools.partial(_backward_local, st),
+                     (spec[0],) * 3 + (spec[1],) * 4 + (spec[0], spec[2], spec[0]),
+                     (spec[0],) * 3, *res, dout)
   return dq, dk, dv, None, None, None, None
 
 
@@ -312,15 +414,26 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
-                   sched: Schedule, axis_name: str | None, scale: float, causal: bool,
-                   window: int | None = None, logit_softcap: float | None = None) -> jax.Array:
-  """Local ring attention inside `shard_map` over `axis_name` (None: one device, no ring).
+                   sched: Schedule, scale: float, causal: bool, window: int | None = None,
+                   logit_softcap: float | None = None, block_k: int = 512,
+                   mesh: jax.sharding.Mesh | None = None, axis_name: str | None = None,
+                   qkv_spec=None, mask_spec=None) -> jax.Array:
+  """Ring attention of q [B, L, N, H] over k / v [B, L, K, H] -> [B, L, N, H].
 
-  q [B, T, N, H], k / v [B, T, K, H], segment ids and positions [B, T] int32, all already in the
-  order of `sched` (zig-zag when `sched.zigzag`); returns [B, T, N, H] in the same order.
+  Segment ids and positions are [B, L] int32. With `mesh`, the arrays are global and the ring
+  runs under `jax.shard_map` over `axis_name` with `qkv_spec` ([B, L, heads, H] arrays, the
+  length on `axis_name`) and `mask_spec` ([B, L] arrays); without, they are one device's and
+  there is no ring (`sched.size` 1). Tokens are in natural order; the zig-zag order of
+  `sched` is applied and undone inside. Each block is computed in key tiles of `block_k`
+  (`key_tile`), so a device's working set is [B, N, c, block_k] scores, not [B, N, c, c].
   """
-  if q.shape[1] != 2 * sched.chunk or k.shape[1] != 2 * sched.chunk:
-    raise ValueError(f'ring attention: local lengths {q.shape[1]} / {k.shape[1]} do not match '
-                     f'the schedule (two chunks of {sched.chunk})')
-  st = _Static(sched, axis_name, float(scale), bool(causal), window, logit_softcap)
-  return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, st)
+  if q.shape[1] != k.shape[1] or q.shape[1] != 2 * sched.chunk * sched.size:
+    raise ValueError(f'ring attention: lengths {q.shape[1]} / {k.shape[1]} do not match the '
+                     f'schedule ({2 * sched.size} chunks of {sched.chunk})')
+  specs = None
+  if mesh is not None:
+    b, _, h, _ = qkv_spec
+    specs = (qkv_spec, mask_spec, jax.sharding.PartitionSpec(None, b, h, None, axis_name))
+  st = _Static(sched, axis_name if mesh is not None else None, float(scale), bool(causal),
+               window, logit_softcap, key_tile(sched.chunk, block_k), mesh, specs)
+  return _ring(st, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)

@@ -49,7 +49,10 @@ def packed_mask(causal, window=None):
 
 
 def core(impl):
-  cfg = AttentionConfig(kind='dot_product', impl=impl, num_heads=N, num_kv_heads=K, head_dim=H)
+  # Key tiles of 2 tokens: on cp4 x dp2 (chunks of 4 tokens) each block runs two inner tiles.
+  options = {'block_k': 2} if impl == 'ring' else {}
+  cfg = AttentionConfig(kind='dot_product', impl=impl, num_heads=N, num_kv_heads=K, head_dim=H,
+                        options=options)
   return registry.build(cfg, num_heads=N, num_kv_heads=K, head_dim=H, rngs=None,
                         needed={'causal', 'padding', 'segments'})
 
