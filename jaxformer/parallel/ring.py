@@ -32,11 +32,18 @@ stops after the few devices its band reaches back to). This assumes what the mod
 loaders produce: within a segment, positions are the token index plus a constant (`arange`, or
 reset per packed segment). The mask of a computed block is always evaluated exactly from segment
 ids and positions. With a causal mask and contiguous chunks, device C-1 would do C times the
-work of device 0; in zig-zag order (Brandon et al. 2023, "Striped Attention"; the zig-zag of
-Megatron-LM's context parallelism) device d holds chunks d and 2C-1-d, so at every step after
-the first each device computes exactly two of its four blocks; `schedule` picks zig-zag or
-contiguous order by the busiest device's block count, then the number of ring steps. `to_zigzag` / `from_zigzag` move
-the contiguous shards into that order and back with two ppermutes of half a shard each.
+work of device 0; in zig-zag order (as in Megatron-LM's context parallelism; Brandon et al.
+2023, "Striped Attention", balance with stripes instead) device d holds chunks d and 2C-1-d, so
+at every step after the first each device computes exactly two of its four blocks. `schedule`
+picks zig-zag or contiguous order by the busiest device's block count, then the number of ring
+steps; `to_zigzag` / `from_zigzag` move the contiguous shards into that order and back with two
+ppermutes of half a shard each.
+
+Memory: a block is computed in key tiles of `block_k` (a `fori_loop`), and the ring steps after
+the first run in a `fori_loop`, so a device's working set is one tile of scores
+[B, N, c, block_k] besides its shards. The custom_vjp sits outside `shard_map` and saves q, k, v,
+the mask arrays, the output and the log-sum-exp; `_tie` keeps a scan over layers from hoisting
+per-block masks out of its loop.
 """
 
 from __future__ import annotations
