@@ -85,7 +85,9 @@ class AttentionConfig:
   `options` holds kind-specific settings (e.g. number of random features) that the registry
   entry validates itself. `cross_kind` is the kind of cross-attention layers (encoder-decoder
   families); None uses `kind` (with its options). Efficient self-attention kinds that cannot
-  attend to another sequence are combined with `cross_kind='dot_product'`.
+  attend to another sequence are combined with `cross_kind='dot_product'`; with the kind itself
+  through an impl that serves self-attention only (the context-parallel 'ring'), the
+  cross-attention layers use the kind's 'xla' impl.
   """
   kind: str = 'dot_product'
   impl: str = 'xla'

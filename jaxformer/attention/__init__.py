@@ -13,6 +13,7 @@ from jaxformer.attention import lsh  # noqa: F401
 from jaxformer.attention import routing, synthesizer  # noqa: F401
 from jaxformer.attention import chunked, linear, performer  # noqa: F401
 from jaxformer.attention import flash  # noqa: F401
+from jaxformer.attention import context  # noqa: F401
 
 __all__ = ['Attention', 'AttentionMask', 'DotProductAttention', 'dot_product_attention',
            'registry', 'set_sow_weights']

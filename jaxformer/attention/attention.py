@@ -82,6 +82,11 @@ class Attention(nnx.Module):
     a = cfg.attention
     if cross and a.cross_kind is not None and a.cross_kind != a.kind:
       a = dataclasses.replace(a, kind=a.cross_kind, options=FrozenDict())
+    elif cross and a.cross_kind is not None and 'cross' not in registry.lookup(
+        a.kind, a.impl).features:
+      # The same kind through an impl that serves self-attention only (the context-parallel
+      # 'ring'): cross-attention layers take the kind's reference impl.
+      a = dataclasses.replace(a, impl='xla', options=FrozenDict())
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     needed = needed_features(cfg, cross=cross, causal=causal)
     a = registry.resolve(a, needed, cfg.compute_dtype)  # impl 'auto' -> a concrete impl

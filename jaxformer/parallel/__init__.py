@@ -5,6 +5,8 @@
   mesh.py         the named device mesh (ICI x DCN), device order from mesh_utils
   sharding.py     `Layout` (mesh + rules): specs and shardings by logical name, `constrain`,
                   `shard_kernel` (custom kernels under shard_map)
+  ring.py         ring attention over the 'context' axis: block schedule, zig-zag relayout,
+                  the ring forward and backward (used by attention/context.py)
   state.py        model and optimizer state created directly in its sharding
   distributed.py  multi-host: jax.distributed, the primary process, barriers, stopping together
   hlo.py          memory and collectives read from a compiled program

@@ -14,6 +14,10 @@
                      entry; 'none' or '' replicates; 'data,fsdp' names several axes).
   sequence_parallel  shard the residual stream over its length on 'tensor' (Megatron-SP).
 
+A 'context' axis of size > 1 is context parallelism: every activation's length is split over it
+(`rules.preset_rules`), and attention must be one of `CONTEXT_IMPLS` (checked with the model, in
+`check_context`).
+
 Everything here is checked before a model is built: unknown names, a rule naming a mesh axis
 that does not exist, rules that put two dimensions of one activation on the same mesh axis, a
 preset that leaves a mesh axis of size > 1 without a meaning, and device counts that do not fit.
@@ -51,7 +55,7 @@ class ParallelConfig:
     for axis in RESERVED_AXES:
       if ici[axis] * dcn[axis] != 1:
         fail(f'parallel.mesh.{axis}', ici[axis] * dcn[axis],
-             'must be 1: pipeline (stage) and context parallelism are not available yet')
+             'must be 1: pipeline (stage) parallelism is not available yet')
     rules = self.logical_rules()
     rules_lib.check_mesh_axes(rules, MESH_AXES)
     rules.check_activation_layouts()
@@ -102,9 +106,15 @@ class ParallelConfig:
       fail('parallel.dcn_mesh', dict(self.dcn_mesh), 'sizes must be explicit (no -1)')
     return sizes
 
+  @property
+  def context_parallel(self) -> bool:
+    """Whether the 'context' axis may be > 1 (-1, 'the rest', counts as yes)."""
+    return self.ici_sizes()['context'] * self.dcn_sizes()['context'] != 1
+
   def logical_rules(self) -> Rules:
     return Rules.from_config(self.preset, self.rules,
-                             sequence_parallel=self.sequence_parallel)
+                             sequence_parallel=self.sequence_parallel,
+                             context_parallel=self.context_parallel)
 
   # ---------------------------------------------------------------- devices
   def mesh_shape(self, num_devices: int) -> dict[str, int]:
@@ -136,6 +146,28 @@ class ParallelConfig:
     sizes = {a: ici[a] * dcn[a] for a in MESH_AXES}
     self._check_used(sizes, self.logical_rules())
     return sizes
+
+
+CONTEXT_IMPLS = ('ring', 'context_allgather')
+
+
+def check_context(parallel: ParallelConfig, attention_impl: str, seq_len: int | None = None
+                  ) -> None:
+  """Refuses context parallelism with an attention impl that cannot split the sequence, and
+  (when the context size is explicit) a `seq_len` its chunks do not divide."""
+  if not parallel.context_parallel:
+    return
+  size = parallel.ici_sizes()['context'] * parallel.dcn_sizes()['context']
+  if attention_impl not in CONTEXT_IMPLS:
+    fail('model.attention.impl', attention_impl,
+         f"parallel.mesh.context={size} splits every sequence over the 'context' mesh axis, "
+         f'which needs a context-parallel attention: allowed values are {list(CONTEXT_IMPLS)}')
+  per = 2 * size if attention_impl == 'ring' else size
+  if size > 0 and seq_len is not None and seq_len % per:
+    fail('data.seq_len', seq_len,
+         f'attention impl {attention_impl!r} with parallel.mesh.context={size} needs a '
+         f'multiple of {per}' + (' (each device holds two of 2 x context chunks)'
+                                 if attention_impl == 'ring' else ''))
 
 
 def _shown(sizes: Mapping[str, int]) -> dict[str, int]:

@@ -22,6 +22,10 @@ Presets (`parallel.preset`), each the union of the pieces it names:
                          regions (norms, dropout, residual adds) is sharded over its length on
                          'tensor' (Korthikanti et al. 2022): the all-reduce after a row-parallel
                          projection becomes a reduce-scatter and an all-gather.
+  context parallel       with a 'context' mesh axis of size > 1 (any preset): every activation's
+                         length ('activation_length', 'activation_norm_length') over 'context';
+                         attention runs as ring attention or with gathered K/V
+                         (jaxformer/attention/context.py), everything else is per token.
 The 'expert' dimension of MoE weights and activations always maps to the 'expert' axis (size 1
 unless set). Explicit `parallel.rules` entries override single names of the preset.
 """
@@ -38,8 +42,8 @@ from jaxformer.config import ConfigError, fail
 # Mesh axes, outermost (slowest links: data parallel replicas, DCN) first and innermost (fastest
 # links: tensor parallelism, the most frequent collectives) last.
 MESH_AXES = ('data', 'stage', 'fsdp', 'context', 'expert', 'tensor')
-# Reserved for pipeline and context parallelism: no rule maps onto them yet, so they must be 1.
-RESERVED_AXES = ('stage', 'context')
+# Reserved for pipeline parallelism: no rule maps onto it yet, so it must be 1.
+RESERVED_AXES = ('stage',)
 
 PARAM_NAMES = ('embed', 'vocab', 'heads', 'kv_heads', 'head_dim', 'mlp', 'expert', 'layers',
                'norm', 'position')
@@ -90,8 +94,13 @@ FROM_PRESET = 'preset'
 Axes = tuple[str, ...]
 
 
-def preset_rules(preset: str, *, sequence_parallel: bool = False) -> dict[str, Axes]:
-  """The rule table of a preset: every logical name -> a tuple of mesh axes (() = replicated)."""
+def preset_rules(preset: str, *, sequence_parallel: bool = False,
+                 context_parallel: bool = False) -> dict[str, Axes]:
+  """The rule table of a preset: every logical name -> a tuple of mesh axes (() = replicated).
+
+  `context_parallel` (a 'context' axis of size > 1) puts the activation lengths on 'context',
+  outside 'tensor' when sequence parallelism splits the residual stream further.
+  """
   if preset not in PRESET_AXES:
     fail('parallel.preset', preset, f'allowed values are {list(PRESETS)}')
   uses = PRESET_AXES[preset]
@@ -105,6 +114,9 @@ def preset_rules(preset: str, *, sequence_parallel: bool = False) -> dict[str, A
       rules[param] = rules[act] = ('tensor',)
     if sequence_parallel:
       rules[NORM_LENGTH] = ('tensor',)
+  if context_parallel:
+    rules[LENGTH] = ('context',)
+    rules[NORM_LENGTH] = ('context',) + rules[NORM_LENGTH]
   rules['expert'] = rules[EXPERT] = ('expert',)
   return rules
 
@@ -137,8 +149,9 @@ class Rules(Mapping):
 
   @classmethod
   def from_config(cls, preset: str, overrides: Mapping[str, Any] | None = None, *,
-                  sequence_parallel: bool = False) -> 'Rules':
-    table = preset_rules(preset, sequence_parallel=sequence_parallel)
+                  sequence_parallel: bool = False, context_parallel: bool = False) -> 'Rules':
+    table = preset_rules(preset, sequence_parallel=sequence_parallel,
+                         context_parallel=context_parallel)
     for name, value in dict(overrides or {}).items():
       if name not in NAMES:
         raise ConfigError(f'parallel.rules.{name} is invalid: {name!r} is not a logical axis '

@@ -27,7 +27,8 @@ from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
-from jaxformer.parallel.config import ParallelConfig, default_section as parallel_section
+from jaxformer.parallel.config import ParallelConfig, check_context
+from jaxformer.parallel.config import default_section as parallel_section
 from jaxformer.train import tasks
 from jaxformer.train.optimizer import DECAYING, OptimConfig
 
@@ -150,6 +151,8 @@ class Experiment:
              f"must be 'none' for model.attention.kind={a.kind!r}: it cannot keep packed "
              'examples apart (it does not support segment ids), so packed rows would leak into '
              "each other; set data.packing='none'")
+    check_context(self.parallel, m.attention.impl,
+                  dcfg.seq_len if m.family in ('decoder', 'encoder') else None)
     k = self.optim.grad_accum_steps
     if t.batch_size % k:
       fail('train.batch_size', t.batch_size,
