@@ -78,19 +78,27 @@ def _loop_topk(moe, cfg, x, valid):
   return y
 
 
-def _loop_switch(moe, cfg, x, valid, capacity):
+def _loop_capacity(moe, cfg, x, valid, cap):
+  """The capacity rule, token by token: per row, token t's choices (best first) claim slots of
+  their experts before token t + 1's; a choice over capacity adds nothing. Returns (y, kept),
+  kept [B, T, k] True where the assignment was served."""
+  k = cfg.moe.top_k if cfg.moe.router == 'topk' else 1
   y = np.zeros_like(x)
+  kept = np.zeros(x.shape[:2] + (k,), bool)
   for b in range(x.shape[0]):
     used = np.zeros(E, int)
     for t in range(x.shape[1]):
       if not valid[b, t]:
         continue
       p = _softmax(x[b, t] @ _np(moe, 'router'))
-      e = int(np.argmax(p))
-      if used[e] < capacity:
-        y[b, t] = p[e] * _np_expert(moe, cfg, e, x[b, t])
-      used[e] += 1
-  return y
+      idx = np.argsort(-p, kind='stable')[:k]
+      w = p[idx] / (p[idx].sum() if k > 1 and cfg.moe.normalize_top_k else 1.0)
+      for j, (e, wi) in enumerate(zip(idx, w)):
+        if used[e] < cap:
+          y[b, t] += wi * _np_expert(moe, cfg, e, x[b, t])
+          kept[b, t, j] = True
+        used[e] += 1
+  return y, kept
 
 
 def _loop_soft(moe, cfg, x, valid):
@@ -180,7 +188,7 @@ def test_switch_matches_loop_and_drops_over_capacity():
   assert cap == math.ceil(0.5 * T / E) == 1
   x = _x()
   valid = np.ones((B, T), bool)
-  ref = _loop_switch(moe, cfg, x, valid, cap)
+  ref = _loop_capacity(moe, cfg, x, valid, cap)[0]
   dropped = np.all(ref == 0.0, axis=-1)
   assert dropped.sum() >= 4  # at most E * cap = 4 of each row's 8 tokens are served
   y, _ = _apply(moe, jnp.asarray(x, jnp.float32))
@@ -195,7 +203,7 @@ def test_switch_padding_takes_no_capacity():
   valid = np.ones((B, T), bool)
   valid[:, :3] = False  # leading padding would claim slots first if it counted
   y, _ = _apply(moe, jnp.asarray(x, jnp.float32), mask=jnp.asarray(valid))
-  _close(y, _loop_switch(moe, cfg, x, valid, moe.capacity(T)))
+  _close(y, _loop_capacity(moe, cfg, x, valid, moe.capacity(T))[0])
   x2 = x.copy()
   x2[~valid] = 100.0 * _x(5)[~valid]
   y2, _ = _apply(moe, jnp.asarray(x2, jnp.float32), mask=jnp.asarray(valid))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_moe import B, E, T, _cfg, _np, _np_expert, _randomise, _softmax, _x
+from test_moe import B, E, T, _cfg, _loop_capacity, _randomise, _x
 
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import MoE
@@ -70,29 +70,6 @@ def test_dropless_dispatch_equals_dense_with_gradients(dispatch, router, gated, 
   # The losses come from the router alone: identical, not just close.
   for key in aux0:
     np.testing.assert_array_equal(aux1[key], aux0[key])
-
-
-def _loop_capacity(moe, cfg, x, valid, cap):
-  """The capacity rule, token by token: per row, token t's choices (best first) claim slots of
-  their experts before token t + 1's; a choice over capacity adds nothing. Returns (y, kept),
-  kept [B, T, k] True where the assignment was served."""
-  k = cfg.moe.top_k if cfg.moe.router == 'topk' else 1
-  y = np.zeros_like(x)
-  kept = np.zeros(x.shape[:2] + (k,), bool)
-  for b in range(x.shape[0]):
-    used = np.zeros(E, int)
-    for t in range(x.shape[1]):
-      if not valid[b, t]:
-        continue
-      p = _softmax(x[b, t] @ _np(moe, 'router'))
-      idx = np.argsort(-p, kind='stable')[:k]
-      w = p[idx] / (p[idx].sum() if k > 1 and cfg.moe.normalize_top_k else 1.0)
-      for j, (e, wi) in enumerate(zip(idx, w)):
-        if used[e] < cap:
-          y[b, t] += wi * _np_expert(moe, cfg, e, x[b, t])
-          kept[b, t, j] = True
-        used[e] += 1
-  return y, kept
 
 
 @pytest.mark.parametrize('router', ['topk', 'switch'])
