@@ -144,13 +144,9 @@ def measure(kind: str, impl: str, n: int, args, options: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-  dense = {r['length']: r for r in rows
-           if (r['kind'], r['impl']) == DENSE and r['status'] == 'ok'}
-  for r in rows:
-    base = dense.get(r['length'])
-    ok = r['status'] == 'ok' and base is not None
-    r['speedup_vs_dense'] = base['seconds'] / r['seconds'] if ok else ''
-    r['memory_ratio_vs_dense'] = r['peak_bytes'] / base['peak_bytes'] if ok else ''
+  benchlib.add_ratios(rows, lambda r: r['length'], lambda r: (r['kind'], r['impl']) == DENSE,
+                      {'speedup_vs_dense': ('seconds', True),
+                       'memory_ratio_vs_dense': ('peak_bytes', False)})
 
 
 def markdown_table(rows: list[dict]) -> str:

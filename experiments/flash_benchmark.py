@@ -121,12 +121,8 @@ def measure(impl, pass_, length, head_dim, causal, args, blocks) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-  key = lambda r: (r['pass'], r['length'], r['head_dim'], r['causal'])
-  cudnn = {key(r): r for r in rows if r['impl'] == 'cudnn' and r['status'] == 'ok'}
-  for r in rows:
-    base = cudnn.get(key(r))
-    ok = r['status'] == 'ok' and base is not None
-    r['ratio_vs_cudnn'] = r['tflops_per_s'] / base['tflops_per_s'] if ok else ''
+  benchlib.add_ratios(rows, lambda r: (r['pass'], r['length'], r['head_dim'], r['causal']),
+                      lambda r: r['impl'] == 'cudnn', {'ratio_vs_cudnn': ('tflops_per_s', False)})
 
 
 def markdown_table(rows: list[dict]) -> str:

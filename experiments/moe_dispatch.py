@@ -97,12 +97,9 @@ def measure(experts: int, dispatch: str, args) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-  dense = {r['experts']: r for r in rows if r['dispatch'] == 'dense' and r['status'] == 'ok'}
-  for r in rows:
-    base = dense.get(r['experts'])
-    ok = r['status'] == 'ok' and base is not None
-    r['speedup_vs_dense'] = base['seconds'] / r['seconds'] if ok else ''
-    r['flops_ratio_vs_dense'] = r['flops'] / base['flops'] if ok and base['flops'] else ''
+  benchlib.add_ratios(rows, lambda r: r['experts'], lambda r: r['dispatch'] == 'dense',
+                      {'speedup_vs_dense': ('seconds', True),
+                       'flops_ratio_vs_dense': ('flops', False)})
 
 
 def markdown_table(rows: list[dict]) -> str:
