@@ -32,6 +32,9 @@ from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
 from jaxformer.models import reversible
 from jaxformer.models.block import TransformerBlock, zero_aux
+from jaxformer.parallel import pipeline as pipeline_lib
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import active_layout, constrain, names_of
 
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer
@@ -144,18 +147,19 @@ class Stack(nnx.Module):
               c0['positions'].dtype), (0, c0['index']))
     else:
       kv_pos = mask.kv_positions if mask.kv_positions is not None else q_pos
-    bias = self.bias(q_pos, kv_pos)
-    kwargs = dict(bias=bias, enc=enc, enc_mask=enc_mask, token_ids=token_ids,
-                  deterministic=deterministic)
+    side = dict(mask=mask, bias=self.bias(q_pos, kv_pos), enc=enc, enc_mask=enc_mask,
+                token_ids=token_ids)
 
-    def body(x, layer, c):
-      return layer(x, mask, c, **kwargs)
+    def body(x, layer, c, side):
+      return layer(x, side['mask'], c, bias=side['bias'], enc=side['enc'],
+                   enc_mask=side['enc_mask'], token_ids=side['token_ids'],
+                   deterministic=deterministic)
 
     policy = self.cfg.remat
     if policy != 'none':
       body = nnx.remat(body, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.scan_layers)
-    x, new_cache, aux = layer_loop(self.cfg).run(self, body, x, cache, mask=mask, bias=bias,
-                                                 deterministic=deterministic)
+    x, new_cache, aux = layer_loop(self.cfg, cache).run(self, body, x, cache, side,
+                                                        deterministic=deterministic)
     aux = {k: jnp.sum(v) for k, v in aux.items()} or zero_aux(self.cfg)
     return x, new_cache, aux
 
@@ -164,14 +168,16 @@ class Stack(nnx.Module):
 class LayerLoop:
   """How a `Stack` runs its layer groups.
 
-  `run(stack, body, x, cache, *, mask, bias, deterministic) -> (x, new_cache, aux)`: `body(x,
-  layer, cache_i) -> (x, cache_i, aux_i)` is one layer group's forward (remat already applied);
-  `stack.layers` holds the groups stacked on a leading axis and `cache` the matching stacked
-  caches (or None). `aux` maps each aux loss to its per-group values [num_groups] (or is {}).
+  `run(stack, body, x, cache, side, *, deterministic) -> (x, new_cache, aux)`: `body(x, layer,
+  cache_i, side) -> (x, cache_i, aux_i)` is one layer group's forward (remat already applied);
+  `side` holds what every layer reads besides x (the mask, the stack's position bias, the
+  encoder output and its mask, token ids); `stack.layers` holds the groups stacked on a leading
+  axis and `cache` the matching stacked caches (or None). `aux` maps each aux loss to its
+  per-group values [num_groups] (or to their sum, or is {}).
   """
   name = ''
 
-  def run(self, stack: Stack, body, x, cache, *, mask, bias, deterministic):
+  def run(self, stack: Stack, body, x, cache, side, *, deterministic):
     raise NotImplementedError
 
 
@@ -183,10 +189,15 @@ def register_loop(loop: type[LayerLoop]) -> type[LayerLoop]:
   return loop
 
 
-def layer_loop(cfg: ModelConfig) -> LayerLoop:
-  """The strategy the config asks for: reversible, else scanned, else unrolled."""
+def layer_loop(cfg: ModelConfig, cache=None) -> LayerLoop:
+  """The strategy the config (and the active layout) asks for: reversible, else a pipeline
+  over stages when the layout has one and there is no decoding cache, else scanned, else
+  unrolled."""
   if cfg.reversible:
     return LAYER_LOOPS['reversible']
+  layout = active_layout()
+  if cfg.scan_layers and cache is None and layout is not None and layout.pipeline is not None:
+    return LAYER_LOOPS['pipeline']
   return LAYER_LOOPS['scan' if cfg.scan_layers else 'unrolled']
 
 
@@ -195,10 +206,14 @@ class ScanLoop(LayerLoop):
   """`nnx.scan` over the groups: one traced body, so compile time does not grow with depth."""
   name = 'scan'
 
-  def run(self, stack, body, x, cache, **_):
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                    transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    return scan(x, stack.layers, cache)
+  def run(self, stack, body, x, cache, side, **_):
+    return scan_groups(body, stack.layers, x, cache, side)
+
+
+def scan_groups(body, layers, x, cache, side):
+  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0, 0),
+                  transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  return scan(x, layers, cache, side)
 
 
 @register_loop
@@ -206,13 +221,13 @@ class UnrolledLoop(LayerLoop):
   """A Python loop over the groups, each sliced out of the stacked parameters and written back."""
   name = 'unrolled'
 
-  def run(self, stack, body, x, cache, **_):
+  def run(self, stack, body, x, cache, side, **_):
     graphdef, state = nnx.split(stack.layers)
     states, caches, auxes = [], [], []
     for i in range(stack.num_groups):
       layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
       c = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-      x, c, aux = body(x, layer, c)
+      x, c, aux = body(x, layer, c, side)
       states.append(nnx.state(layer))
       caches.append(c)
       auxes.append(aux)
@@ -227,9 +242,88 @@ class ReversibleLoop(LayerLoop):
   each layer itself, so it does not call `body`; dense layers only, hence no aux losses."""
   name = 'reversible'
 
-  def run(self, stack, body, x, cache, *, mask, bias, deterministic):
+  def run(self, stack, body, x, cache, side, *, deterministic):
     del body  # the branches are called separately; remat has nothing to add (see reversible)
     x, new_cache = reversible.reversible_stack(
-        stack.layers, x, mask, bias=bias, cache=cache, deterministic=deterministic,
-        scan=stack.cfg.scan_layers)
+        stack.layers, x, side['mask'], bias=side['bias'], cache=cache,
+        deterministic=deterministic, scan=stack.cfg.scan_layers)
     return x, new_cache, {}
+
+
+@register_loop
+class PipelineLoop(LayerLoop):
+  """The layer groups cut into stages and run as a pipeline over micro-batches
+  (jaxformer/parallel/pipeline.py), with the active layout's `PipelineSpec`.
+
+  Each stage runs its chunk of groups with `scan_groups` on one micro-batch at a time; side
+  inputs with a batch dimension are cut into micro-batches with x (the others are shared), and
+  each micro-batch's index is folded into the layers' dropout keys, so that the micro-batches
+  draw different masks. Aux losses are summed over layers and averaged over micro-batches, as
+  gradient accumulation averages the micro-batches' losses.
+  """
+  name = 'pipeline'
+
+  def run(self, stack, body, x, cache, side, *, deterministic):
+    del cache, deterministic  # only chosen without a cache; dropout is in the layers' keys
+    layout = active_layout()
+    spec = layout.pipeline
+    b = x.shape[0]
+    m_ = spec.microbatches
+    if b % m_:
+      raise ValueError(f'a batch of {b} rows does not split into the {m_} pipeline '
+                       'micro-batches (optim.grad_accum_steps)')
+    micro = lambda a: a.reshape((m_, b // m_) + a.shape[1:])  # noqa: E731
+    leaves, treedef = jax.tree.flatten(side)
+    split = [a.ndim > 0 and a.shape[0] == b and b > 1 for a in leaves]
+    per_micro = [micro(a) for a, s in zip(leaves, split) if s]
+    shared = [a for a, s in zip(leaves, split) if not s]
+
+    def side_of(sd):
+      it_split, it_shared = iter(sd), iter(shared)
+      return jax.tree.unflatten(treedef, [next(it_split) if s else next(it_shared)
+                                          for s in split])
+
+    graphdef, state = nnx.split(stack.layers)
+    weights = _stage_weights(state, spec)
+
+    def stage_fn(w, xs, sd, m):
+      layers = nnx.merge(graphdef, _fold_dropout(w, m))
+      y, _, aux = scan_groups(body, layers, xs, None, side_of(sd))
+      return y, jax.tree.map(jnp.sum, aux)
+
+    stage_axis = 'stage' if layout.sizes.get('stage', 1) > 1 else None
+    names = (R.STAGE,) + R.RESIDUAL
+    out, aux, _ = pipeline_lib.run(
+        stage_fn, weights, micro(x), per_micro, spec, stage_axis=stage_axis,
+        constrain_state=lambda a: constrain(a, names))
+    return out.reshape(x.shape), None, {k: v / m_ for k, v in aux.items()}
+
+
+def _stage_weights(state, spec):
+  """The stacked groups' variables as [S, R, groups per chunk, ...], sharded by stage."""
+  is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+
+  def reshape(v):
+    if not is_var(v):
+      return pipeline_lib.to_stages(v, spec)
+    a = pipeline_lib.to_stages(v.get_value(), spec)
+    names = names_of(v)
+    if names is not None:
+      a = constrain(a, (names[0], None, None) + tuple(names[1:]))
+    return v.replace(a)
+
+  return jax.tree.map(reshape, state, is_leaf=is_var)
+
+
+def _fold_dropout(state, m):
+  """Layer variables with micro-batch `m` folded into every dropout stream's keys."""
+  is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+
+  def fold(v):
+    if isinstance(v, nnx.RngKey) and v.tag == 'dropout':
+      keys = v.get_value()
+      return v.replace(jax.vmap(jax.random.fold_in, (0, None))(keys, m) if keys.ndim
+                       else jax.random.fold_in(keys, m))
+    return v
+
+  return jax.tree.map(fold, state, is_leaf=is_var)

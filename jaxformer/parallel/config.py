@@ -13,6 +13,14 @@
   rules              logical name -> mesh axes overriding the preset ('preset' keeps the preset's
                      entry; 'none' or '' replicates; 'data,fsdp' names several axes).
   sequence_parallel  shard the residual stream over its length on 'tensor' (Megatron-SP).
+  pipeline.repeats   with a 'stage' axis of size S > 1 (pipeline parallelism): how many times
+                     the micro-batches go round the stages; 1 is GPipe, R > 1 the circular
+                     schedule with R S chunks of layers (jaxformer/parallel/pipeline.py). The
+                     number of micro-batches is optim.grad_accum_steps.
+
+A 'stage' axis of size > 1 is pipeline parallelism: the stacked layers are cut into stages over
+it (`rules.preset_rules`); what a model and optimizer need for it is checked with the model
+(`pipeline.check_config`).
 
 A 'context' axis of size > 1 is context parallelism: every activation's length is split over it
 (`rules.preset_rules`), and attention must be one of `CONTEXT_IMPLS` (checked with the model, in
@@ -32,11 +40,17 @@ from typing import Any
 
 from jaxformer.config import ConfigError, check_choice, fail
 from jaxformer.parallel import rules as rules_lib
-from jaxformer.parallel.rules import MESH_AXES, PRESETS, RESERVED_AXES, Rules
+from jaxformer.parallel.rules import MESH_AXES, PRESETS, Rules
 
 
 def _ones() -> dict[str, int]:
   return {a: 1 for a in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """`parallel.pipeline`: see the module docstring."""
+  repeats: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +61,14 @@ class ParallelConfig:
   dcn_mesh: Mapping[str, int] = dataclasses.field(default_factory=_ones)
   rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sequence_parallel: bool = False
+  pipeline: PipelineConfig = PipelineConfig()
 
   # ---------------------------------------------------------------- validation
   def validate(self) -> None:
     check_choice('parallel.preset', self.preset, PRESETS)
     ici, dcn = self.ici_sizes(), self.dcn_sizes()
-    for axis in RESERVED_AXES:
-      if ici[axis] * dcn[axis] != 1:
-        fail(f'parallel.mesh.{axis}', ici[axis] * dcn[axis],
-             'must be 1: pipeline (stage) parallelism is not available yet')
+    if self.pipeline.repeats < 1:
+      fail('parallel.pipeline.repeats', self.pipeline.repeats, 'must be a positive integer')
     rules = self.logical_rules()
     rules_lib.check_mesh_axes(rules, MESH_AXES)
     rules.check_activation_layouts()
@@ -69,7 +82,7 @@ class ParallelConfig:
     """A mesh axis of size > 1 that no rule maps onto would replicate everything over it."""
     used = rules.used_axes()
     for axis in MESH_AXES:
-      if sizes[axis] > 1 and axis not in used and axis not in RESERVED_AXES:
+      if sizes[axis] > 1 and axis not in used:
         users = [p for p, axes in rules_lib.PRESET_AXES.items() if axis in axes]
         fail(f'parallel.mesh.{axis}', sizes[axis],
              f'asks for {axis!r} parallelism, but parallel.preset={self.preset!r} (with '
@@ -111,10 +124,16 @@ class ParallelConfig:
     """Whether the 'context' axis may be > 1 (-1, 'the rest', counts as yes)."""
     return self.ici_sizes()['context'] * self.dcn_sizes()['context'] != 1
 
+  @property
+  def pipeline_parallel(self) -> bool:
+    """Whether the 'stage' axis may be > 1 (-1, 'the rest', counts as yes)."""
+    return self.ici_sizes()['stage'] * self.dcn_sizes()['stage'] != 1
+
   def logical_rules(self) -> Rules:
     return Rules.from_config(self.preset, self.rules,
                              sequence_parallel=self.sequence_parallel,
-                             context_parallel=self.context_parallel)
+                             context_parallel=self.context_parallel,
+                             pipeline_parallel=self.pipeline_parallel)
 
   # ---------------------------------------------------------------- devices
   def mesh_shape(self, num_devices: int) -> dict[str, int]:
@@ -181,4 +200,5 @@ def default_section() -> dict[str, Any]:
   cfg = ParallelConfig()
   return {'preset': cfg.preset, 'mesh': dict(cfg.mesh), 'dcn_mesh': dict(cfg.dcn_mesh),
           'rules': {name: rules_lib.FROM_PRESET for name in rules_lib.NAMES},
-          'sequence_parallel': cfg.sequence_parallel}
+          'sequence_parallel': cfg.sequence_parallel,
+          'pipeline': {'repeats': cfg.pipeline.repeats}}

@@ -26,6 +26,9 @@ Presets (`parallel.preset`), each the union of the pieces it names:
                          length ('activation_length', 'activation_norm_length') over 'context';
                          attention runs as ring attention or with gathered K/V
                          (jaxformer/attention/context.py), everything else is per token.
+  pipeline parallel      with a 'stage' axis of size > 1 (any preset): the stacked layers'
+                         leading 'layers' dimension and the pipeline's stage dimension
+                         ('activation_stage') over 'stage' (jaxformer/parallel/pipeline.py).
 The 'expert' dimension of MoE weights and activations always maps to the 'expert' axis (size 1
 unless set). Explicit `parallel.rules` entries override single names of the preset.
 """
@@ -42,8 +45,6 @@ from jaxformer.config import ConfigError, fail
 # Mesh axes, outermost (slowest links: data parallel replicas, DCN) first and innermost (fastest
 # links: tensor parallelism, the most frequent collectives) last.
 MESH_AXES = ('data', 'stage', 'fsdp', 'context', 'expert', 'tensor')
-# Reserved for pipeline parallelism: no rule maps onto it yet, so it must be 1.
-RESERVED_AXES = ('stage',)
 
 PARAM_NAMES = ('embed', 'vocab', 'heads', 'kv_heads', 'head_dim', 'mlp', 'expert', 'layers',
                'norm', 'position')
@@ -58,8 +59,9 @@ HEAD_DIM = 'activation_head_dim'
 MLP = 'activation_mlp'
 VOCAB = 'activation_vocab'
 EXPERT = 'activation_expert'
+STAGE = 'activation_stage'
 ACTIVATION_NAMES = (BATCH, LENGTH, NORM_LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB,
-                    EXPERT)
+                    EXPERT, STAGE)
 NAMES = PARAM_NAMES + ACTIVATION_NAMES
 
 # Every activation layout the models constrain, so rules can be checked before anything is built.
@@ -72,11 +74,12 @@ ROUTER_LOGITS = (BATCH, LENGTH, None)             # [B, T, E]
 EXPERT_TOKENS = (EXPERT, BATCH, None, EMBED)      # [E, B, C, D] dispatched tokens
 EXPERT_HIDDEN = (EXPERT, BATCH, None, MLP)        # [E, B, C, F]
 DENSE_EXPERT_HIDDEN = (BATCH, LENGTH, EXPERT, MLP)  # [B, T, E, F] dropless top-k
+STAGE_RESIDUAL = (STAGE,) + RESIDUAL              # [S, B, T, D] pipeline stage inputs
 ACTIVATION_LAYOUTS = {
     'residual stream': RESIDUAL, 'queries': QUERIES, 'keys and values': KEYS,
     'FFN hidden': FFN_HIDDEN, 'logits': LOGITS, 'router logits': ROUTER_LOGITS,
     'expert tokens': EXPERT_TOKENS, 'expert hidden': EXPERT_HIDDEN,
-    'dense expert hidden': DENSE_EXPERT_HIDDEN,
+    'dense expert hidden': DENSE_EXPERT_HIDDEN, 'pipeline stage inputs': STAGE_RESIDUAL,
 }
 
 PRESET_AXES = {
@@ -95,7 +98,8 @@ Axes = tuple[str, ...]
 
 
 def preset_rules(preset: str, *, sequence_parallel: bool = False,
-                 context_parallel: bool = False) -> dict[str, Axes]:
+                 context_parallel: bool = False, pipeline_parallel: bool = False
+                 ) -> dict[str, Axes]:
   """The rule table of a preset: every logical name -> a tuple of mesh axes (() = replicated).
 
   `context_parallel` (a 'context' axis of size > 1) puts the activation lengths on 'context',
@@ -117,6 +121,8 @@ def preset_rules(preset: str, *, sequence_parallel: bool = False,
   if context_parallel:
     rules[LENGTH] = ('context',)
     rules[NORM_LENGTH] = ('context',) + rules[NORM_LENGTH]
+  if pipeline_parallel:
+    rules['layers'] = rules[STAGE] = ('stage',)
   rules['expert'] = rules[EXPERT] = ('expert',)
   return rules
 
@@ -149,9 +155,10 @@ class Rules(Mapping):
 
   @classmethod
   def from_config(cls, preset: str, overrides: Mapping[str, Any] | None = None, *,
-                  sequence_parallel: bool = False, context_parallel: bool = False) -> 'Rules':
+                  sequence_parallel: bool = False, context_parallel: bool = False,
+                  pipeline_parallel: bool = False) -> 'Rules':
     table = preset_rules(preset, sequence_parallel=sequence_parallel,
-                         context_parallel=context_parallel)
+                         context_parallel=context_parallel, pipeline_parallel=pipeline_parallel)
     for name, value in dict(overrides or {}).items():
       if name not in NAMES:
         raise ConfigError(f'parallel.rules.{name} is invalid: {name!r} is not a logical axis '

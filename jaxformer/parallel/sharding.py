@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxformer.config import ConfigError
 from jaxformer.parallel import rules as R
+from jaxformer.parallel.pipeline import PipelineSpec
 from jaxformer.parallel.rules import Rules
 
 P = jax.sharding.PartitionSpec
@@ -64,9 +65,11 @@ def path_str(path) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
-  """A device mesh plus the logical-axis rules that map array dimensions onto it."""
+  """A device mesh plus the logical-axis rules that map array dimensions onto it, and the
+  pipeline schedule when the layers run as a pipeline (jaxformer/parallel/pipeline.py)."""
   mesh: jax.sharding.Mesh
   rules: Rules
+  pipeline: PipelineSpec | None = None
 
   @property
   def sizes(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
+from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
 from jaxformer.parallel.config import default_section as parallel_section
 from jaxformer.train import tasks
@@ -153,10 +154,33 @@ class Experiment:
              "each other; set data.packing='none'")
     check_context(self.parallel, m.attention.impl,
                   dcfg.seq_len if m.family in ('decoder', 'encoder') else None)
+    stages = self.parallel.ici_sizes()['stage'] * self.parallel.dcn_sizes()['stage']
+    if stages != -1:  # -1 ('the rest') is checked once the mesh is known (TrainProgram)
+      self.check_pipeline(stages)
     k = self.optim.grad_accum_steps
     if t.batch_size % k:
       fail('train.batch_size', t.batch_size,
            f'must be divisible by optim.grad_accum_steps={k}')
+
+  def check_pipeline(self, stages: int) -> None:
+    """Refuses what pipeline parallelism over `stages` stages cannot run (pipeline.py)."""
+    m, par = self.model, self.parallel
+    num_layers = {'model.num_layers': m.num_layers}
+    if m.family == 'encoder_decoder':
+      num_layers['model.num_decoder_layers'] = m.decoder_layers
+    pipeline_lib.check_config(
+        stages=stages, repeats=par.pipeline.repeats, microbatches=self.optim.grad_accum_steps,
+        num_layers=num_layers, period=m.moe.every if m.moe.num_experts else 1, family=m.family,
+        reversible=m.reversible, scan_layers=m.scan_layers)
+    if stages > 1:
+      sizes = {a: par.ici_sizes()[a] * par.dcn_sizes()[a] for a in ('context', 'expert')}
+      for axis, why in (('context', 'ring attention and gathered K/V'),
+                        ('expert', 'the expert all-to-all')):
+        if sizes[axis] != 1:
+          fail(f'parallel.mesh.{axis}', sizes[axis],
+               f'cannot be combined with pipeline parallelism (parallel.mesh.stage={stages}) '
+               f'yet: {why} run in shard_map, which the vmapped pipeline stages do not '
+               f'support; use one of the two')
 
   def check_batch(self, batch_shards: int, batch_axes: tuple[str, ...],
                   num_processes: int) -> None:

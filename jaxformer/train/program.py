@@ -17,6 +17,7 @@ device) and the jitted steps with pinned input and output shardings (`train_step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -26,6 +27,7 @@ from flax import nnx
 
 from jaxformer.parallel import rules as R
 from jaxformer.parallel import state as state_lib
+from jaxformer.parallel.pipeline import PipelineSpec
 from jaxformer.parallel.sharding import Layout
 from jaxformer.train import optimizer as optim_lib
 from jaxformer.train import tasks
@@ -39,6 +41,11 @@ class TrainProgram:
 
   def __init__(self, exp: Experiment, layout: Layout, *,
                regular_ids: tuple[int, int] | None = None):
+    stages = layout.sizes.get('stage', 1)
+    if stages > 1 and layout.pipeline is None:
+      exp.check_pipeline(stages)
+      layout = dataclasses.replace(layout, pipeline=PipelineSpec(
+          stages, exp.optim.grad_accum_steps, exp.parallel.pipeline.repeats))
     self.exp, self.layout, self.regular_ids = exp, layout, regular_ids
     seed = exp.train.seed
     m = exp.model
@@ -111,7 +118,8 @@ class TrainProgram:
     step = make_train_step(
         self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
         tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed,
-        grad_shardings=self.param_shardings if self.layout.mesh.size > 1 else None)
+        grad_shardings=self.param_shardings if self.layout.mesh.size > 1 else None,
+        pipelined=self.layout.pipeline is not None)
     return jax.jit(self.layout.wrap(step),
                    in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.layout.replicated),

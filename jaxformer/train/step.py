@@ -9,6 +9,12 @@ optax transform one by one (optax.MultiSteps applies the averaged update on the 
 step on k micro-batches equals one step on the k-times larger batch. fp16 runs scale the loss
 with flax's DynamicScale; non-finite gradients are dropped by optax.apply_if_finite and counted,
 and the trainer stops (or goes on, by `train.nonfinite`) when the count grows.
+
+Under pipeline parallelism (`pipeline`, a `PipelineSpec`) the k micro-batches are the pipeline's:
+one forward and backward pass runs them all through the stages, the loss is the mean of their
+losses, and its gradient (the mean of theirs) goes through the optax transform k times, so the
+optimizer state and its MultiSteps counters are those of the unpipelined run (checkpoints move
+between the two layouts) and the update is the same.
 """
 
 from __future__ import annotations
@@ -52,19 +58,23 @@ def with_dropout_key(rest, key):
 
 def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
                     loss_cfg: tasks.LossConfig, tx: optax.GradientTransformation,
-                    accum_steps: int, seed: int, loss_scale=None, grad_shardings=None):
+                    accum_steps: int, seed: int, loss_scale=None, grad_shardings=None,
+                    pipelined: bool = False):
   """Returns train_step(state, batch) -> (state, metrics).
 
   `grad_shardings` (the parameters' shardings) pins each gradient to its parameter's layout
   as soon as it is computed, so data-parallel gradient sums become reduce-scatters onto the
-  FSDP shards rather than all-reduces of whole gradients.
+  FSDP shards rather than all-reduces of whole gradients. `pipelined`: the model runs the
+  `accum_steps` micro-batches as a pipeline (see the module docstring).
   """
   base_key = jax.random.key(seed)
   param_dtype = model_cfg.params_dtype
+  microbatches = accum_steps if pipelined else 1
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graphdef, params, with_dropout_key(rest, key))
-    return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False)
+    return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False,
+                              microbatches=microbatches)
 
   def micro_step(carry, micro):
     params, opt_state, scale, step, i = carry
@@ -78,12 +88,13 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    for _ in range(microbatches):  # pipelined: the mean gradient once for each micro-batch
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     return (params, opt_state, scale, step, i + 1), metrics
 
   def train_step(state, batch):
-    micro = split_micro(batch, accum_steps)
+    micro = split_micro(batch, accum_steps // microbatches)
     carry = (state['params'], state['opt_state'], state.get('loss_scale'), state['step'],
              jnp.zeros((), jnp.int32))
     (params, opt_state, scale, _, _), metrics = jax.lax.scan(micro_step, carry, micro)

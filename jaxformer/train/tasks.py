@@ -15,6 +15,7 @@ with `model.moe.load_balance_weight` and `model.moe.z_loss_weight`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +79,14 @@ def targets_and_mask(task: str, batch: dict):
 
 
 def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: LossConfig, *,
-                 deterministic: bool):
-  """-> (total loss, metrics dict of float32 scalars)."""
+                 deterministic: bool, microbatches: int = 1):
+  """-> (total loss, metrics dict of float32 scalars).
+
+  With `microbatches` = k > 1 (a pipelined model, which runs the k micro-batches of the batch
+  in one call and averages its aux losses over them) the loss and metrics are the mean over
+  the k micro-batches of each one's own loss (token counts summed), which is what gradient
+  accumulation over the same k micro-batches averages.
+  """
   args, kwargs = model_inputs(task, batch)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   out = model(*args, deterministic=deterministic, **kwargs)
@@ -87,8 +94,16 @@ def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: Loss
   if task == 'classification' and logits.ndim == 3:
     raise ValueError('classification needs model.num_labels > 0')
   targets, mask = targets_and_mask(task, batch)
-  loss, metrics = cross_entropy(logits, targets, mask=mask,
-                                label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+  ce = functools.partial(cross_entropy, label_smoothing=loss_cfg.label_smoothing,
+                         z_loss=loss_cfg.z_loss)
+  if microbatches > 1:
+    split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])  # noqa: E731
+    losses, per_micro = jax.vmap(lambda lg, t, m: ce(lg, t, mask=m))(
+        split(logits), split(targets), split(mask))
+    loss = jnp.mean(losses)
+    metrics = {k: jnp.sum(v) if k == 'num_tokens' else jnp.mean(v) for k, v in per_micro.items()}
+  else:
+    loss, metrics = ce(logits, targets, mask=mask)
   total = loss
   for name, weight in (('load_balance_loss', cfg.moe.load_balance_weight),
                        ('router_z_loss', cfg.moe.z_loss_weight)):
