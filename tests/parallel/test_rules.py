@@ -8,7 +8,7 @@ from parallel_helpers import LLAMA, experiment, program
 
 from jaxformer.config import ConfigError
 from jaxformer.parallel import rules as R
-from jaxformer.parallel.config import ParallelConfig
+from jaxformer.parallel.config import ParallelConfig, PipelineConfig
 from jaxformer.parallel.mesh import make_mesh
 from jaxformer.parallel.sharding import Layout
 
@@ -69,7 +69,7 @@ def test_two_dimensions_of_one_array_on_one_mesh_axis_are_refused_not_dropped():
     (dict(mesh={'model': 2}), r"parallel.mesh: unknown mesh axes \['model'\]"),
     (dict(mesh={'data': -1, 'fsdp': -1}), r'at most one axis may be -1'),
     (dict(mesh={'fsdp': 0}), r'parallel.mesh.fsdp=0 is invalid'),
-    (dict(mesh={'stage': 2}), r'parallel.mesh.stage=2 is invalid: must be 1'),
+    (dict(pipeline=PipelineConfig(repeats=0)), r'parallel.pipeline.repeats=0 is invalid'),
     (dict(preset='dp', mesh={'tensor': 2}), r"parallel.mesh.tensor=2 is invalid: asks for "
                                             r"'tensor' parallelism.*preset='dp'"),
     (dict(preset='fsdp', sequence_parallel=True), r'parallel.sequence_parallel=True'),
