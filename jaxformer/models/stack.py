@@ -30,6 +30,7 @@ from flax import nnx
 from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
+from jaxformer.layers.base import tag_params
 from jaxformer.models import reversible
 from jaxformer.models.block import TransformerBlock, zero_aux
 
@@ -50,9 +51,12 @@ class LayerGroup(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     p = layer_period(cfg)
+    # Block i of the group in slice s of the 'layers' axis is layer s * p + i; the metadata
+    # tells the optimizer so (layer-wise LR decay), whatever the path or the slicing.
     self.blocks = nnx.List([
-        TransformerBlock(cfg, causal=causal, cross=cross,
-                         moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs)
+        tag_params(TransformerBlock(cfg, causal=causal, cross=cross,
+                                    moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs),
+                   layer=i, layers_per_slice=p)
         for i in range(p)])
 
   def __call__(self, x, mask, cache, *, bias, enc, enc_mask, token_ids, deterministic):
