@@ -1,5 +1,8 @@
 """Optimizers and update transforms (CATALOG F1, F3): optax references, masks, accumulation."""
 
+import json
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from ml_collections.config_flags import config_flags
 
-from jaxformer.config import ConfigError
+from jaxformer.attention import registry as attention_registry
+from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.models import build_model, family_dict, family_names
+from jaxformer.parallel.sharding import path_str
 from jaxformer.train import optimizer as opt_lib
 from jaxformer.train.optimizer import OptimConfig, make_optimizer
 from jaxformer.train.schedules import make_schedule
@@ -325,3 +332,92 @@ def test_layerwise_lr_decay_stacked_groups_of_blocks():
   assert blocks[1]['moe']['w'].shape == (groups, 1, 1, 1)
   assert scales['embedder']['embed']['embedding'] == decay ** 5
   assert scales['head']['kernel'] == 1.0
+
+
+# ---------------------------------------------------------------------------- oracle: every preset
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TINY = dict(vocab_size=32, d_model=16, num_layers=2, max_length=16, attention=dict(num_heads=2),
+             ffn=dict(hidden_dim=32))
+_FAMILY = {'vit': dict(image_size=8, patch_size=4, num_labels=3, max_length=5),
+           'perceiver': dict(num_labels=3),
+           'mixtral': dict(num_layers=4, moe=dict(num_experts=2, top_k=1, every=2))}
+
+
+def _variant(fam, **over):
+  return lambda: family_dict(fam, **{**_TINY, **over})
+
+
+def _attention(kind, **options):
+  return _variant('bert', attention=dict(num_heads=2, kind=kind, options=options))
+
+
+def _config(name):
+  path = os.path.join(_ROOT, 'configs', f'{name}.py')
+  return lambda: config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      f'{name}_config', path).get_config('size=tiny').model.to_dict()
+
+
+MASK_CASES = {
+    **{f'family:{f}': _variant(f, **_FAMILY.get(f, {})) for f in family_names()},
+    **{f'config:{name[:-3]}': _config(name[:-3])
+       for name in sorted(os.listdir(os.path.join(_ROOT, 'configs'))) if name.endswith('.py')},
+    **{f'attention:{k}': _attention(k) for k in attention_registry.kinds()},
+    **{f'attention:synthesizer:{m}': _attention('synthesizer', mode=m)
+       for m in ('random', 'factorized_random', 'factorized_dense')},
+    'position:llama:shaw': _variant('llama', position=dict(kind='shaw')),
+    'position:llama:t5': _variant('llama', position=dict(kind='t5')),
+    'position:t5:shaw': _variant('t5', position=dict(kind='shaw')),
+    'position:t5:learned': _variant('t5', position=dict(kind='learned')),
+    'moe:switch': _variant('mixtral', moe=dict(num_experts=2, top_k=1, router='switch')),
+    'moe:hash': _variant('mixtral', moe=dict(num_experts=2, top_k=1, router='hash')),
+    'moe:soft': _variant('bert', moe=dict(num_experts=2, top_k=1, router='soft')),
+    'moe:gpt2_every_2': _variant('gpt2', num_layers=4, moe=dict(num_experts=2, top_k=1, every=2)),
+    'norm:scalenorm': _variant('gpt2', norm='scalenorm'),
+    'rnn:lstm': _variant('rnn', rnn=dict(cell='lstm')),
+}
+
+
+def _leaves_by_path(tree):
+  """{path: leaf} with nnx.Variables unwrapped, for trees of Variables or of plain values."""
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return {path_str(p): (v.get_value() if is_var(v) else v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]}
+
+
+def _decisions(params):
+  """The optimizer's decisions per parameter path, in the frozen table's encoding."""
+  total = opt_lib.num_layers(params)
+  decayed = _leaves_by_path(opt_lib.decay_mask(params))
+  decayed_no_embed = _leaves_by_path(opt_lib.decay_mask(params, decay_embeddings=False))
+  out = {}
+  for path, scale in _leaves_by_path(opt_lib.layerwise_lr_scales(params, 0.5)).items():
+    d = 'D' if decayed_no_embed[path] else 'E' if decayed[path] else '-'
+    power = np.round(np.log2(np.ravel(np.asarray(scale, np.float64))) * -1).astype(int)
+    if (power == 0).all():
+      lr = '1'
+    elif (power == total + 1).all():
+      lr = 'emb'
+    else:
+      lr = ','.join(str(total - int(p)) for p in power)
+    out[path] = f'{d} {lr}'
+  return total, out
+
+
+with open(os.path.join(os.path.dirname(__file__), 'optimizer_masks.json')) as f:
+  _FROZEN = json.load(f)
+
+
+def test_mask_cases_are_the_frozen_ones():
+  assert set(MASK_CASES) == set(_FROZEN['cases'])
+
+
+@pytest.mark.parametrize('case', sorted(MASK_CASES))
+def test_masks_equal_the_frozen_table(case):
+  """Weight decay (with and without decay_embeddings) and layer-wise LR, parameter by parameter,
+  as decided before masks came from metadata (tests/train/optimizer_masks.json)."""
+  want = _FROZEN['tables'][_FROZEN['cases'][case]]
+  cfg = ModelConfig.from_dict(MASK_CASES[case]())
+  params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, seed=0)), nnx.Param)
+  total, got = _decisions(params)
+  assert total == want['layers']
+  assert got == want['params']
