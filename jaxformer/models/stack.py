@@ -71,6 +71,16 @@ class LayerGroup(nnx.Module):
     return x, (None if cache is None else new_caches), aux_total
 
 
+def _name_stacked_scalars(layers: nnx.Module) -> nnx.Module:
+  """nnx.vmap adds 'layers' to the axis names of every parameter except one with no names (flax
+  skips empty names), so a scalar per layer (ScaleNorm's g) would come out [G] named (): its
+  names would not match its shape. Names it ('layers',)."""
+  for _, value in nnx.iter_graph(layers):
+    if isinstance(value, nnx.Param) and value.get_metadata().get('out_sharding') == ():
+      value.set_metadata(out_sharding=('layers',))
+  return layers
+
+
 class Stack(nnx.Module):
   """`num_layers` Transformer layers plus the stack-level position bias."""
 
@@ -89,7 +99,7 @@ class Stack(nnx.Module):
     def create(rngs):
       return LayerGroup(cfg, causal=causal, cross=cross, rngs=rngs)
 
-    self.layers = create(rngs)
+    self.layers = _name_stacked_scalars(create(rngs))
     pc = cfg.position
     if pc.kind == 't5':
       self.position_bias = pos_lib.T5RelativeBias(
