@@ -111,10 +111,12 @@ class Attention(nnx.Module):
       self.wk = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
       self.wv = base.param(rngs, init, (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
       self.wo = base.param(rngs, out_init, (n, h, d), ('heads', 'head_dim', 'embed'), pdt)
-      if a.qkv_bias:
-        self.bq = base.param(rngs, base.zeros, (n, h), ('heads', 'head_dim'), pdt)
-        self.bk = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
-        self.bv = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt)
+      if a.qkv_bias:  # [N, H] like a matrix by its names: the role keeps weight decay off
+        self.bq = base.param(rngs, base.zeros, (n, h), ('heads', 'head_dim'), pdt, role='bias')
+        self.bk = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt,
+                             role='bias')
+        self.bv = base.param(rngs, base.zeros, (k, h), ('kv_heads', 'head_dim'), pdt,
+                             role='bias')
       else:
         self.bq = self.bk = self.bv = None
       self.bo = base.param(rngs, base.zeros, (d,), ('embed',), pdt) if a.out_bias else None

@@ -94,8 +94,10 @@ class LinformerAttention(nnx.Module):
     else:
       init = base.normal_init(1.0 / math.sqrt(k))
     param_dtype = param_dtype or jnp.float32
-    self.e = base.param(rngs, init, shape, names, param_dtype)
-    self.f = None if self.sharing == 'kv' else base.param(rngs, init, shape, names, param_dtype)
+    # A projection of the length axis, not a lookup table, although its first axis is 'position'.
+    self.e = base.param(rngs, init, shape, names, param_dtype, role='weight')
+    self.f = (None if self.sharing == 'kv' else
+              base.param(rngs, init, shape, names, param_dtype, role='weight'))
 
   def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
     """x [B, S, K, H] -> [B, k, K, H] with the first S rows of w."""

@@ -113,15 +113,17 @@ class SynthesizerAttention(nnx.Module):
     self.a, self.b = factor, -(-length // factor)
     if 'dense' in mode:
       w1 = weight((n, h, h), ('heads', 'head_dim', None))
-      b1 = base.param(rngs, base.zeros, (n, h), ('heads', None), pdt)
+      # The biases are [N, .] per head: the role keeps weight decay off them.
+      b1 = base.param(rngs, base.zeros, (n, h), ('heads', None), pdt, role='bias')
       if mode == 'factorized_dense':
         wa = weight((n, h, self.a), ('heads', None, None))
-        ba = base.param(rngs, base.zeros, (n, self.a), ('heads', None), pdt)
+        ba = base.param(rngs, base.zeros, (n, self.a), ('heads', None), pdt, role='bias')
         w2 = weight((n, h, self.b), ('heads', None, None))
-        b2 = base.param(rngs, base.zeros, (n, self.b), ('heads', None), pdt)
+        b2 = base.param(rngs, base.zeros, (n, self.b), ('heads', None), pdt, role='bias')
       else:
         w2 = weight((n, h, length), ('heads', None, 'position'))
-        b2 = base.param(rngs, base.zeros, (n, length), ('heads', 'position'), pdt)
+        b2 = base.param(rngs, base.zeros, (n, length), ('heads', 'position'), pdt,
+                        role='bias')
     elif mode == 'factorized_random':
       r1 = weight((n, length, factor), ('heads', 'position', None), 1 / math.sqrt(length), fixed)
       r2 = weight((n, length, factor), ('heads', 'position', None), 1 / math.sqrt(factor), fixed)

@@ -3,6 +3,12 @@
 Every parameter carries logical axis names (CATALOG J): 'embed', 'vocab', 'heads', 'kv_heads',
 'head_dim', 'mlp', 'layers', 'expert', 'norm', 'position'. Layers never name mesh axes: the rules
 that map logical names onto a mesh, and the activation constraints, live in `jaxformer.parallel`.
+
+The optimizer reads its masks from the same metadata (jaxformer/train/optimizer.py). Where the
+names alone cannot tell, a parameter says more: `role` ('bias' for a bias with two or more axes,
+'embedding' for a part of the input embedding that is not a lookup table, 'weight' for a matrix
+over positions that is not one), and `layer` / `layers_per_slice` (set by `tag_params`) place it
+in the depth of the model.
 """
 
 from __future__ import annotations
@@ -18,12 +24,29 @@ Initializer = nnx.initializers.Initializer
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
-  """A parameter with logical axis names as metadata (no eager sharding)."""
+          dtype=jnp.float32, *, role: str | None = None) -> nnx.Param:
+  """A parameter with logical axis names (and its `role`, if given) as metadata.
+
+  No eager sharding: state is placed by `jaxformer.parallel` from the names.
+  """
   if len(shape) != len(names):
     raise ValueError(f'param shape {tuple(shape)} and axis names {tuple(names)} differ in rank')
+  metadata = {} if role is None else {'role': role}
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
-                   eager_sharding=False)
+                   eager_sharding=False, **metadata)
+
+
+def tag_params(module: nnx.Module, **metadata) -> nnx.Module:
+  """Adds `metadata` to every nnx.Param of `module` and returns it.
+
+  For facts that belong to where a module sits rather than to the module itself: which layer a
+  block is (`layer=i`; inside a scanned group of g blocks also `layers_per_slice=g`), or that a
+  norm belongs to the input embedding (`role='embedding'`).
+  """
+  for _, value in nnx.iter_graph(module):
+    if isinstance(value, nnx.Param):
+      value.set_metadata(**metadata)
+  return module
 
 
 def normal_init(std: float) -> Initializer:

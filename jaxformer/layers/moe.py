@@ -127,8 +127,10 @@ class MoE(nnx.Module):
     }
     shapes = {'in': (d, f), 'out': (f, d), 'in_bias': (f,), 'out_bias': (d,)}
     for name, (role, names) in ffn_weight_specs(cfg).items():
+      # An expert's bias [E, F] has two axes: the role keeps weight decay off it.
       setattr(self, name, param(rngs, _stacked(inits[role], e), (e,) + shapes[role],
-                                ('expert',) + names, cfg.params_dtype))
+                                ('expert',) + names, cfg.params_dtype,
+                                role='bias' if role.endswith('_bias') else None))
     self.dropout = nnx.Dropout(cfg.ffn.dropout, rngs=rngs if cfg.ffn.dropout > 0 else None)
     use_jitter = m.jitter > 0 and m.router in ('topk', 'switch')
     self.jitter_rngs = rngs['dropout'].fork() if use_jitter else nnx.data(None)

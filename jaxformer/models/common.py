@@ -17,7 +17,7 @@ from flax import nnx, struct
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers import positions as pos_lib
-from jaxformer.layers.base import check_token_ids, normal_init, param, zeros
+from jaxformer.layers.base import check_token_ids, normal_init, param, tag_params, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
 from jaxformer.parallel import rules as R
@@ -77,7 +77,9 @@ class TokenEmbedder(nnx.Module):
                               param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype,
                               ids_name='token type ids', rngs=rngs)
                         if cfg.type_vocab_size else None)
-    self.norm = make_norm(cfg, rngs=rngs) if cfg.embed_norm else None
+    # Part of the input embedding: layer-wise LR decay treats it like the tables.
+    self.norm = (tag_params(make_norm(cfg, rngs=rngs), role='embedding') if cfg.embed_norm
+                 else None)
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
 
   def __call__(self, ids, positions, *, token_types=None, deterministic=True):

@@ -24,7 +24,13 @@ from jaxformer.models.common import ModelOutput
 
 def _cell(kind: str, din: int, dh: int, rngs: nnx.Rngs, param_dtype):
   cls = nnx.GRUCell if kind == 'gru' else nnx.LSTMCell
-  return cls(din, dh, param_dtype=param_dtype, rngs=rngs)
+  cell = cls(din, dh, param_dtype=param_dtype, rngs=rngs)
+  # flax's cells name no axes; name them all unsharded (None), as they are laid out today, so
+  # that every parameter carries names (the optimizer reads its masks from them).
+  for _, value in nnx.iter_graph(cell):
+    if isinstance(value, nnx.Param):
+      value.set_metadata(out_sharding=(None,) * value.ndim, eager_sharding=False)
+  return cell
 
 
 def _hidden(kind: str, carry):

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
+from jaxformer.layers.base import tag_params
 from jaxformer.models import reversible
 from jaxformer.models.block import TransformerBlock, zero_aux
 from jaxformer.parallel import pipeline as pipeline_lib
@@ -53,9 +54,12 @@ class LayerGroup(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     p = layer_period(cfg)
+    # Block i of the group in slice s of the 'layers' axis is layer s * p + i; the metadata
+    # tells the optimizer so (layer-wise LR decay), whatever the path or the slicing.
     self.blocks = nnx.List([
-        TransformerBlock(cfg, causal=causal, cross=cross,
-                         moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs)
+        tag_params(TransformerBlock(cfg, causal=causal, cross=cross,
+                                    moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs),
+                   layer=i, layers_per_slice=p)
         for i in range(p)])
 
   def __call__(self, x, mask, cache, *, bias, enc, enc_mask, token_ids, deterministic):
@@ -68,6 +72,16 @@ class LayerGroup(nnx.Module):
       for k, v in aux.items():
         aux_total[k] = aux_total.get(k, 0.0) + v
     return x, (None if cache is None else new_caches), aux_total
+
+
+def _name_stacked_scalars(layers: nnx.Module) -> nnx.Module:
+  """nnx.vmap adds 'layers' to the axis names of every parameter except one with no names (flax
+  skips empty names), so a scalar per layer (ScaleNorm's g) would come out [G] named (): its
+  names would not match its shape. Names it ('layers',)."""
+  for _, value in nnx.iter_graph(layers):
+    if isinstance(value, nnx.Param) and value.get_metadata().get('out_sharding') == ():
+      value.set_metadata(out_sharding=('layers',))
+  return layers
 
 
 class Stack(nnx.Module):
@@ -88,7 +102,7 @@ class Stack(nnx.Module):
     def create(rngs):
       return LayerGroup(cfg, causal=causal, cross=cross, rngs=rngs)
 
-    self.layers = create(rngs)
+    self.layers = _name_stacked_scalars(create(rngs))
     pc = cfg.position
     if pc.kind == 't5':
       self.position_bias = pos_lib.T5RelativeBias(

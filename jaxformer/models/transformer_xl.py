@@ -165,7 +165,9 @@ class TransformerXL(nnx.Module):
                         "model.family='transformer_xl' has dense FFNs only (0)")
     self.cfg = cfg
     self.embedder = TokenEmbedder(cfg, rngs=rngs)
-    self.layers = nnx.List([XLBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    # Unstacked layers have no 'layers' axis: the metadata says which layer each one is.
+    self.layers = nnx.List([base.tag_params(XLBlock(cfg, rngs=rngs), layer=i)
+                            for i in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg, rngs=rngs) if cfg.final_norm else None
     self.head = LMHead(cfg, self.embedder.embed, rngs=rngs)
 

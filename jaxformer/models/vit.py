@@ -27,11 +27,12 @@ class ViT(nnx.Module):
     self.cfg = cfg
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
     self.num_patches = (cfg.image_size // p) ** 2
+    # The patch projection and [CLS] are the input embedding (decay_embeddings, layer-wise LR).
     self.patch_w = param(rngs, make_init(cfg.init, cfg.init_std), (p * p * c, d),
-                         (None, 'embed'), cfg.params_dtype)
-    self.patch_b = param(rngs, zeros, (d,), ('embed',), cfg.params_dtype)
+                         (None, 'embed'), cfg.params_dtype, role='embedding')
+    self.patch_b = param(rngs, zeros, (d,), ('embed',), cfg.params_dtype, role='embedding')
     self.cls = param(rngs, normal_init(cfg.init_std), (1, 1, d), (None, None, 'embed'),
-                     cfg.params_dtype)
+                     cfg.params_dtype, role='embedding')
     self.pos = param(rngs, normal_init(cfg.init_std), (self.num_patches + 1, d),
                      ('position', 'embed'), cfg.params_dtype)
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)

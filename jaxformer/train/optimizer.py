@@ -19,28 +19,34 @@ The transform, outermost first:
   optimizer        the update above, with lr from `jaxformer.train.schedules.make_schedule`
   layerwise_lr_decay  updates *= decay^(L - i) for layer i (ELECTRA, Clark et al. 2020; BEiT)
 
-Parameters are recognised by their pytree path (nnx.State keys, dict keys, list indices):
-  * layers: a path component 'layers' / 'blocks' / 'layer' / 'block' followed by an integer
-    ('layers/3/...') or written 'layers_3' is layer 3; the same name followed by anything else
-    is a stack of layers under scan whose leading axis is the layer axis. A stack may hold groups
-    of g indexed blocks ('layers/blocks/1/...', jaxformer.models.stack with MoE every g layers):
-    slice s, block j is layer s * g + j. L is the largest layer count found.
-  * embeddings: any path component containing 'embed' (token, type and T5 bias tables, the tied
-    output matrix), or a leaf named 'pos', 'cls', 'patch_*' (ViT) or '*table' (position tables).
-  * weight decay applies to matrices only: not to parameters with one axis (norm scales, biases;
-    stacked layers count their axes without the layer axis), not to biases by name ('bias', 'b',
-    'b' + one letter as bq/bo/bi, '*_b', '*_bias': attention biases are [N, H]), not to leaves
-    named 'scale' or under a component containing 'norm', and not to embeddings when
-    `decay_embeddings=False`.
-  * layer-wise LR decay: layer i gets decay^(L - i) (a per-slice vector along axis 0 for stacked
-    layers), embeddings decay^(L + 1), everything else (final norm, heads) 1.
+Parameters are recognised by their metadata, never by their path, so that renaming modules or
+reshaping the layer axis (into pipeline stages, say) changes no mask. Each nnx.Param carries
+logical axis names (jaxformer.parallel.rules.PARAM_NAMES) and, where the names cannot tell, a
+`role` and a layer (jaxformer.layers.base.param / tag_params):
+  * layers: the dimensions up to the last one named 'layers' enumerate layer slices row-major
+    (a scanned stack [G, ...], or the same stack cut into stages [S, G/S, ...]). A slice may hold
+    a group of g blocks (jaxformer.models.stack with MoE every g layers): block j carries
+    metadata layer=j, layers_per_slice=g, and slice s of it is layer s * g + j. A layer that is
+    not stacked (Transformer-XL) carries layer=i. L is the largest layer + 1.
+  * embeddings: tables, whose first dimension (after the layer dimensions) is 'vocab' or
+    'position' and which have two or more dimensions (token, type and position tables, the tied
+    output matrix, T5 and Shaw relative tables; not the output head [embed, vocab] or its bias);
+    and parameters with role='embedding' (ViT patch projection and [CLS], the embedding norm).
+  * weight decay applies to matrices: two or more dimensions besides the layer dimensions, none
+    named 'norm', and role != 'bias' (biases with two axes, such as attention's [N, H] or an
+    expert's [E, F], say so; vectors and scalars need not); not to embeddings when
+    `decay_embeddings=False`. role='weight' marks a matrix that is not a table although its
+    first dimension is 'position' (Linformer's E, F).
+  * layer-wise LR decay: layer i gets decay^(L - i) (one factor per layer slice for stacked
+    parameters), embeddings decay^(L + 1), everything else (final norm, heads) 1.
+`make_optimizer(cfg, params)` reads the roles once from the parameters' Variables; the transform
+then finds them again by path for the plain arrays that optax and nnx.Optimizer pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -51,15 +57,12 @@ import optax
 from flax import nnx
 
 from jaxformer.config import DTYPES, ConfigError, _build, _to_plain, check_choice, fail
+from jaxformer.parallel.sharding import names_of, path_str
 from jaxformer.train import schedules
 
 OPTIMIZERS = ('adamw', 'adam', 'lion', 'adafactor', 'sgd')
 DECAYING = ('warmup_linear', 'warmup_cosine', 'wsd')
 LOSS_SCALES = ('none', 'dynamic')
-LAYER_KEYS = ('layers', 'blocks', 'layer', 'block')
-_INDEXED_LAYER = re.compile(r'^(?:layers|blocks|layer|block)_(\d+)$')
-_BIAS = re.compile(r'^(?:bias|b|b[a-z]|\w+_b|\w+_bias)$')
-_EMBEDDING_LEAF = re.compile(r'^(?:pos|cls|patch_\w+|\w*table)$')
 _NEVER_GIVE_UP = np.iinfo(np.int32).max
 
 
@@ -180,139 +183,144 @@ class OptimConfig:
            'must be a positive integer')
 
 
-# -------------------------------------------------------------------- parameter roles by path
-def path_names(path) -> tuple[str, ...]:
-  """A pytree key path as strings; the 'value' attribute of an nnx.Variable is dropped, so the
-  names of an nnx.State with Variables and of its pure-array form are the same."""
-  names = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      names.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      names.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name != 'value':
-        names.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      names.append(str(k.key))
-    else:
-      names.append(str(k))
-  return tuple(names)
+# -------------------------------------------------------------------- parameter roles by metadata
+ROLES = ('bias', 'embedding', 'weight')
+_TABLE_AXES = ('vocab', 'position')
 
 
-class LayerPosition(NamedTuple):
-  """Where a parameter sits in the depth of the model.
+class ParamRole(NamedTuple):
+  """What the optimizer knows about one parameter, read from its metadata (module docstring).
 
-  index: the layer of an unstacked parameter ('layers/3/...', 'layers_3/...').
-  stack: for a stacked parameter (leading axis = layers or groups of layers under scan), the
-    path up to the stacked container; None otherwise.
-  inner: inside a stacked group of blocks ('layers/blocks/1/...'), the block's place in the group.
+  layers: the layer of each slice along the layer dimensions, shaped to broadcast against the
+    parameter (shape () for an unstacked layer's parameter); None outside the layers.
+  matrix: weight decay applies (with `decay_embeddings`, also to embeddings).
+  embedding: an embedding table or a part of the input embedding.
   """
-  index: int | None = None
-  stack: tuple[str, ...] | None = None
-  inner: int | None = None
+  layers: np.ndarray | None
+  matrix: bool
+  embedding: bool
 
 
-def _indexed(names: tuple[str, ...], j: int) -> int | None:
-  """The layer index named at names[j] ('layers_3', or 'layers' then '3'), else None."""
-  m = _INDEXED_LAYER.match(names[j])
-  if m:
-    return int(m.group(1))
-  if names[j] in LAYER_KEYS and j + 1 < len(names) and names[j + 1].isdigit():
-    return int(names[j + 1])
-  return None
+def param_role(variable: nnx.Variable, what: str = 'a parameter') -> ParamRole:
+  """The role of one parameter (an nnx.Variable) by its logical names and metadata."""
+  names = names_of(variable)
+  if names is None:
+    raise ValueError(
+        f'{what} has no logical axis names (out_sharding metadata): the optimizer reads weight '
+        f'decay and layer-wise LR from them; create it with jaxformer.layers.base.param')
+  meta = variable.get_metadata()
+  role = meta.get('role')
+  if role is not None and role not in ROLES:
+    raise ValueError(f'{what}: metadata role={role!r} is invalid: allowed values are {list(ROLES)}')
+  shape = np.shape(variable.get_value())
+  # The dimensions up to the last one named 'layers' enumerate the layers, row-major: a stack
+  # [G, ...] or the same stack cut into stages [S, G/S, ...].
+  k = max((i + 1 for i, n in enumerate(names) if n == 'layers'), default=0)
+  rest = names[k:]
+  if k:
+    slices = tuple(shape[:k])
+    ids = (np.arange(math.prod(slices)).reshape(slices) * meta.get('layers_per_slice', 1)
+           + meta.get('layer', 0))
+    layers = ids.reshape(slices + (1,) * len(rest))
+  elif 'layer' in meta:
+    layers = np.asarray(meta['layer'])
+  else:
+    layers = None
+  matrix = len(rest) >= 2 and role != 'bias' and 'norm' not in rest
+  embedding = role == 'embedding' or (role is None and len(rest) >= 2 and rest[0] in _TABLE_AXES)
+  return ParamRole(layers, matrix, embedding)
 
 
-def layer_position(names: tuple[str, ...]) -> LayerPosition:
-  """The layer role of the parameter at `names` (see LayerPosition and the module docstring)."""
-  for j, name in enumerate(names):
-    index = _indexed(names, j)
-    if index is not None:
-      return LayerPosition(index=index)
-    if name in LAYER_KEYS:
-      inner = next((i for i in (_indexed(names, k) for k in range(j + 1, len(names)))
-                    if i is not None), None)
-      return LayerPosition(stack=names[:j + 1], inner=inner)
-  return LayerPosition()
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
-def is_embedding(names: tuple[str, ...]) -> bool:
-  if names and _EMBEDDING_LEAF.match(names[-1]):
-    return True
-  return any('embed' in n.lower() for n in names)
+def param_roles(params) -> dict[str, ParamRole]:
+  """The role of every parameter of `params` (nnx.Variables, e.g. nnx.state(model, nnx.Param),
+  abstract or not), by path: the key that finds it again in a tree of plain arrays."""
+  roles = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]:
+    what = f'parameter {path_str(path)!r}'
+    if not _is_variable(leaf):
+      raise ValueError(
+          f'{what} is a plain array: weight decay and layer-wise LR are read from the '
+          f"parameters' metadata; pass the parameters with their Variables "
+          f'(nnx.state(model, nnx.Param)) to make_optimizer(cfg, params)')
+    roles[path_str(path)] = param_role(leaf, what)
+  return roles
 
 
-def is_decayed(names: tuple[str, ...], ndim: int, decay_embeddings: bool = True) -> bool:
-  """Whether decoupled weight decay applies to the parameter at `names` (rule in the docstring)."""
-  stacked = layer_position(names).stack is not None
-  if ndim - int(stacked) <= 1:
-    return False
-  if names and (_BIAS.match(names[-1]) or names[-1] == 'scale'):
-    return False
-  if any('norm' in n.lower() for n in names):
-    return False
-  return decay_embeddings or not is_embedding(names)
+def _map_roles(fn, tree, roles: Mapping[str, ParamRole]):
+  """fn(role, leaf) for every parameter of `tree`: Variables or the plain arrays that optax and
+  nnx.Optimizer pass, found in `roles` by their path."""
+  def one(path, leaf):
+    key = path_str(path)
+    if key not in roles:
+      raise ValueError(f'parameter {key!r} is not among the parameters the optimizer was made '
+                       f'for (make_optimizer(cfg, params))')
+    return fn(roles[key], leaf)
+
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)
 
 
-def decay_mask(params, decay_embeddings: bool = True):
-  """A tree of bools (same structure as `params`): True where weight decay applies."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: is_decayed(path_names(p), np.ndim(x), decay_embeddings), params)
+def _count_layers(roles: Mapping[str, ParamRole]) -> int:
+  return max((int(r.layers.max()) + 1 for r in roles.values() if r.layers is not None),
+             default=0)
 
 
-def _depth(params):
-  """(L, group sizes per stack): L is the largest layer count over the stacks and indexed layers."""
-  group, slices, count = {}, {}, 0
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    pos = layer_position(path_names(path))
-    if pos.stack is not None and np.ndim(x):
-      group[pos.stack] = max(group.get(pos.stack, 1), (pos.inner or 0) + 1)
-      slices[pos.stack] = max(slices.get(pos.stack, 0), np.shape(x)[0])
-    elif pos.index is not None:
-      count = max(count, pos.index + 1)
-  for stack, n in slices.items():
-    count = max(count, n * group[stack])
-  return count, group
+def decay_mask(params, decay_embeddings: bool = True,
+               roles: Mapping[str, ParamRole] | None = None):
+  """True where weight decay applies, per parameter (a bool for each Variable or array).
+
+  `roles` (from `param_roles`) serves trees of plain arrays; without it `params` must hold the
+  Variables.
+  """
+  roles = param_roles(params) if roles is None else roles
+  return _map_roles(lambda r, _: r.matrix and (decay_embeddings or not r.embedding), params,
+                    roles)
 
 
 def num_layers(params) -> int:
-  """The layer count L seen in the parameter paths (0 when there are no layers)."""
-  return _depth(params)[0]
+  """L, the number of layers the parameters' metadata places them in (0 when none)."""
+  return _count_layers(param_roles(params))
 
 
-def layerwise_lr_scales(params, decay: float):
-  """Per-parameter LR factors: decay^(L - i) for layer i, decay^(L + 1) for embeddings, else 1.
+def layerwise_lr_scales(params, decay: float, roles: Mapping[str, ParamRole] | None = None):
+  """Per-parameter LR factors: decay^(L - i) in layer i, decay^(L + 1) for embeddings, else 1.
 
-  A stacked parameter gets a float32 array of shape (n, 1, ..., 1), one factor per slice; slice s
-  of a stack of groups of g blocks holds layer s * g + (the block's place in the group).
+  A stacked parameter gets a float32 array with one factor per slice of its layer dimensions
+  (shape (n, 1, ..., 1) for a stack of n slices).
   """
-  total, group = _depth(params)
+  roles = param_roles(params) if roles is None else roles
+  total = _count_layers(roles)
+  return _map_roles(lambda role, _: _lr_factor(role, decay, total), params, roles)
 
-  def scale(path, x):
-    names = path_names(path)
-    pos = layer_position(names)
-    if pos.stack is not None and np.ndim(x):
-      n = np.shape(x)[0]
-      layer = np.arange(n, dtype=np.float64) * group[pos.stack] + (pos.inner or 0)
-      factors = np.asarray(decay ** (total - layer), np.float32)
-      return factors.reshape((n,) + (1,) * (np.ndim(x) - 1))
-    if pos.index is not None:
-      return decay ** (total - pos.index)
-    if is_embedding(names):
-      return decay ** (total + 1)
-    return 1.0
 
-  return jax.tree_util.tree_map_with_path(scale, params)
+def _lr_factor(role: ParamRole, decay: float, total: int):
+  if role.layers is not None:
+    return np.asarray(decay ** (total - role.layers.astype(np.float64)), np.float32)
+  return decay ** (total + 1) if role.embedding else 1.0
 
 
 # -------------------------------------------------------------------- transforms
-def scale_by_layerwise_decay(decay: float) -> optax.GradientTransformation:
-  """Multiplies each update by its layer-wise LR factor (see `layerwise_lr_scales`)."""
+def scale_by_layerwise_decay(decay: float, roles: Mapping[str, ParamRole] | None = None
+                             ) -> optax.GradientTransformation:
+  """Multiplies each update by its layer-wise LR factor (see `layerwise_lr_scales`).
+
+  `roles` (from `param_roles`) serves updates that are plain arrays; without it the updates must
+  hold the Variables (as gradients of an nnx.State do).
+  """
 
   def update(updates, state, params=None):
     del params
-    scales = layerwise_lr_scales(updates, decay)
-    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+    known = param_roles(updates) if roles is None else roles
+    total = _count_layers(known)
+
+    def scaled(role, u):  # u: an array, or a Variable holding one
+      factor = _lr_factor(role, decay, total)
+      return jax.tree.map(lambda x: x * jnp.asarray(factor, x.dtype), u)
+
+    return _map_roles(scaled, updates, known), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -373,8 +381,10 @@ def num_skipped(opt_state) -> jax.Array:
   return found.total_notfinite
 
 
-def _base_optimizer(cfg: OptimConfig, lr) -> optax.GradientTransformation:
-  mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
+def _base_optimizer(cfg: OptimConfig, lr, roles) -> optax.GradientTransformation:
+  # No mask without weight decay: decaying by 0 needs no metadata.
+  mask = ((lambda params: decay_mask(params, cfg.decay_embeddings, roles))  # noqa: E731
+          if cfg.weight_decay else None)
   mu_dtype = DTYPES[cfg.mu_dtype] if cfg.mu_dtype else None
   if cfg.optimizer in ('adamw', 'adam'):
     kwargs = dict(b1=cfg.b1, b2=0.999 if cfg.b2 is None else cfg.b2,
@@ -404,22 +414,28 @@ def make_optimizer(cfg: OptimConfig, params=None) -> optax.GradientTransformatio
 
   Args:
     cfg: a validated OptimConfig.
-    params: optional parameter tree (pure arrays or an nnx.State) used to check the config against
-      the model before training starts: layer-wise LR decay needs layer-indexed parameters.
+    params: the parameters with their metadata (an nnx.State of nnx.Param, abstract or not),
+      from which weight decay and layer-wise LR decay are derived once; the transform then also
+      takes them as plain arrays (as nnx.Optimizer and optax pass them). Without `params`, weight
+      decay and layer-wise LR decay read the metadata of the trees they are given, which must
+      then hold the Variables (gradients of an nnx.State do).
   Returns:
     An optax transform; its `update` needs `params` when EMA or weight decay is on. Works with
     `nnx.Optimizer(model, tx, wrt=nnx.Param)`.
   """
-  if cfg.layerwise_lr_decay is not None and params is not None and not num_layers(params):
+  roles = None
+  if params is not None and (cfg.weight_decay or cfg.layerwise_lr_decay is not None):
+    roles = param_roles(params)
+  if cfg.layerwise_lr_decay is not None and roles is not None and not _count_layers(roles):
     raise ConfigError(
-        f'optim.layerwise_lr_decay={cfg.layerwise_lr_decay!r} is invalid: no parameter path '
-        f'names a layer (a component in {LAYER_KEYS} or like layers_3)')
+        f'optim.layerwise_lr_decay={cfg.layerwise_lr_decay!r} is invalid: no parameter lies in a '
+        f"layer (a dimension named 'layers', or 'layer' metadata)")
   parts = []
   if cfg.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(_base_optimizer(cfg, schedules.make_schedule(cfg)))
+  parts.append(_base_optimizer(cfg, schedules.make_schedule(cfg), roles))
   if cfg.layerwise_lr_decay is not None:
-    parts.append(scale_by_layerwise_decay(cfg.layerwise_lr_decay))
+    parts.append(scale_by_layerwise_decay(cfg.layerwise_lr_decay, roles))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
   if cfg.ema_decay is not None:
     tx = with_ema(tx, cfg.ema_decay)

@@ -261,8 +261,9 @@ def test_out_of_vocab_tokens_raise():
 
 
 def test_every_parameter_has_logical_axis_names():
-  for cfg in [DECODERS['mixtral'], tiny('t5'), tiny('bert'), tiny('vit', image_size=8,
-                                                                   patch_size=4)]:
+  for cfg in [DECODERS['mixtral'], tiny('t5'), tiny('bert'),
+              tiny('vit', image_size=8, patch_size=4), tiny('rnn'), tiny('transformer_xl'),
+              tiny('gpt2', norm='scalenorm')]:
     model = build_model(cfg)
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
       names = v.get_metadata().get('out_sharding')
