@@ -80,3 +80,21 @@ def test_moe_dispatch_writes_csv_plot_and_counts_fewer_flops_than_dense(tmp_path
   assert by[(8, 'dense')]['flops'] > 1.5 * by[(4, 'dense')]['flops']  # linear in E
   assert by[(4, 'dense')]['flops_ratio_vs_dense'] == 1.0
   assert os.path.getsize(out[:-4] + '.png') > 1000
+
+
+def test_pipeline_bubble_counts_the_executed_schedule(tmp_path):
+  import pipeline_bubble  # noqa: E402  (experiments/pipeline_bubble.py)
+  out = str(tmp_path / 'bubble.csv')
+  rows = pipeline_bubble.main(['--stages', '2,4', '--microbatches', '2,4', '--repeats', '1,2',
+                               '--out', out])
+  with open(out) as f:
+    saved = list(csv.DictReader(f))
+  assert len(saved) == len(rows) == 8
+  by = {(r['stages'], r['microbatches'], r['repeats']): r for r in rows}
+  assert by[(4, 2, 2)]['status'].startswith('refused')  # circular with M < S
+  for (s, m, r), row in by.items():
+    if row['status'] == 'ok':
+      assert row['idle'] == s * (s - 1)  # S - 1 idle iterations per stage
+      assert row['iterations'] == r * m + s - 1
+      assert row['bubble'] == pytest.approx((s - 1) / (r * m + s - 1), abs=1e-6)
+  assert os.path.getsize(out[:-4] + '.png') > 1000
