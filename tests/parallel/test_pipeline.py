@@ -207,6 +207,18 @@ def test_training_step_equals_one_device(layout):
   assert max_abs_diff(params, ref_params) < 1e-5
 
 
+def test_evaluation_equals_one_device():
+  optim = dict(LINEAR_OPTIM, grad_accum_steps=4)
+  sums = []
+  for parallel, devices in ((ONE_DEVICE, one_device()), (_pp({'stage': 2, 'data': 4}), None)):
+    prog = program(experiment('llama', MODEL, parallel=parallel, optim=optim), devices)
+    batch = {k: jax.device_put(v, prog.batch_sharding) for k, v in lm_batches(1)[0].items()}
+    sums.append(jax.tree.map(float, prog.eval_step(prog.init_state()['params'], batch)))
+  assert sums[0].keys() == sums[1].keys()
+  for k in sums[0]:
+    np.testing.assert_allclose(sums[1][k], sums[0][k], rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_twenty_adamw_steps_track_one_device():
   optim = dict(OPTIM, grad_accum_steps=4)
@@ -270,3 +282,14 @@ def test_stage_from_the_rest_of_the_devices_is_checked_with_the_mesh():
   with pytest.raises(ConfigError, match=r'model\.num_layers'):
     program(exp)
   assert make_mesh(exp.parallel, jax.devices()).shape['stage'] == 4
+
+
+def test_the_train_command_logs_the_one_device_losses_under_a_circular_pipeline(tmp_path):
+  """`python -m jaxformer.train` on pp2 x dp4, circular (R = 2, M = 2), configs/llama.py."""
+  from test_topology import _cli_losses  # pylint: disable=import-outside-toplevel
+  common = ('--config.model.num_layers=4', '--config.optim.grad_accum_steps=2')
+  one = _cli_losses(str(tmp_path / 'one'), 1, *common)
+  piped = _cli_losses(str(tmp_path / 'pp'), 8, *common, '--config.parallel.mesh.stage=2',
+                      '--config.parallel.mesh.data=4', '--config.parallel.pipeline.repeats=2')
+  assert sorted(piped) == sorted(one) == list(range(1, 7))
+  np.testing.assert_allclose([piped[s] for s in one], list(one.values()), atol=1e-5, rtol=0)
