@@ -87,6 +87,11 @@ def plan(config, *, compile_step: bool = True) -> dict[str, Any]:
       'param_bytes_unsharded': full['params'], 'opt_bytes_unsharded': full['opt_state'],
       'num_params': program.num_params,
   }
+  spec = program.layout.pipeline
+  if spec is not None:
+    out['pipeline'] = {'stages': spec.stages, 'microbatches': spec.microbatches,
+                       'repeats': spec.repeats, 'iterations': spec.iterations,
+                       'bubble': spec.bubble}
   if compile_step:
     batch = synthetic_batch(exp)
     compiled = program.train_step.lower(program.target(), program.abstract_batch(batch)).compile()
@@ -110,8 +115,13 @@ def synthetic_batch(exp):
 def render(p: dict[str, Any]) -> str:
   from jaxformer.parallel.hlo import human  # pylint: disable=import-outside-toplevel
   lines = [f'mesh: {p["mesh"]}',
-           'rules: ' + ', '.join(f'{k} -> {",".join(v)}' for k, v in p['rules'].items()), '',
-           'parameters (logical names -> PartitionSpec -> per-device shape):']
+           'rules: ' + ', '.join(f'{k} -> {",".join(v)}' for k, v in p['rules'].items())]
+  if 'pipeline' in p:
+    q = p['pipeline']
+    kind = 'GPipe' if q['repeats'] == 1 else f'circular, {q["repeats"]} repeats'
+    lines.append(f'pipeline: {q["stages"]} stages, {q["microbatches"]} micro-batches ({kind}); '
+                 f'{q["iterations"]} iterations, bubble (S-1)/(RM+S-1) = {q["bubble"]:.3f}')
+  lines += ['', 'parameters (logical names -> PartitionSpec -> per-device shape):']
   rows = [(r['path'], str(r['names']), str(r['spec']), str(r['shape']), str(r['shard']),
            human(r['bytes'])) for r in p['parameters']]
   header = ('path', 'logical names', 'spec', 'shape', 'per device', 'bytes/device')

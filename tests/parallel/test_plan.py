@@ -66,3 +66,20 @@ def test_collective_parser_counts_loop_bodies_by_trip_count():
   # Each of the 2 scanned layers gathers its weights: ops inside the layer loop run twice.
   assert any(op.kind == 'all-gather' and op.count == 2 for op in ops)
   assert all(op.group_size == 8 for op in ops if op.kind == 'all-gather')
+
+
+def test_plan_of_a_pipeline_shards_layers_over_stages_and_permutes_activations():
+  from jaxformer.parallel.plan import plan, render
+  from jaxformer.train.experiment import default_config
+  from jaxformer.models import family_dict
+  cfg = default_config(model=family_dict('llama', **dict(LLAMA, num_layers=4)),
+                       data=dict(name='python_stdlib', task='lm', seq_len=16),
+                       train=dict(batch_size=8), optim=dict(grad_accum_steps=4),
+                       parallel=dict(preset='dp', mesh={'stage': 4, 'data': 2}))
+  p = plan(cfg)
+  assert p['pipeline'] == {'stages': 4, 'microbatches': 4, 'repeats': 1, 'iterations': 7,
+                           'bubble': 3 / 7}
+  row = next(r for r in p['parameters'] if r['path'].endswith('ffn/wi_gate'))
+  assert row['shape'][0] == 4 and row['shard'][0] == 1  # one layer per stage
+  assert p['collectives']['collective-permute']['count'] > 0  # stage to stage
+  assert 'pipeline: 4 stages, 4 micro-batches (GPipe); 7 iterations' in render(p)
