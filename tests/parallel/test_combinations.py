@@ -5,7 +5,7 @@ loss and updated parameters (fp32, atol 1e-5, the tolerances of test_layouts.py)
 
   cp2 x tp2 x dp2   a LLaMA-style decoder (GQA, packed rows, residual dropout) whose sequence is
                     split over 'context' (ring attention; all-gathered K/V, slow) while heads and
-                    FFN units are split over 'tensor';
+                    FFN units are split over 'tensor'; and cp2 x fsdp2 x tp2 (ring, slow);
   ep2 x fsdp2 x tp2 a Mixtral-style decoder (top-2 of 8 experts) with the experts split over
                     'expert', weights over 'fsdp' and 'tensor': ragged dispatch, and in the slow
                     suite capacity with room for every assignment and capacity that drops, the
@@ -27,7 +27,10 @@ from test_moe_parallel import E, MIXTRAL, _expert_weight_gathers, _train
 from jaxformer.parallel import hlo
 from jaxformer.parallel import rules as R
 
-CP2_TP2_DP2 = dict(preset='tp', mesh={'data': 2, 'context': 2, 'tensor': 2})
+CP_LAYOUTS = {
+    'cp2_tp2_dp2': dict(preset='tp', mesh={'data': 2, 'context': 2, 'tensor': 2}),
+    'cp2_fsdp2_tp2': dict(preset='fsdp_tp', mesh={'fsdp': 2, 'context': 2, 'tensor': 2}),
+}
 EP2_FSDP2_TP2 = dict(preset='fsdp_tp', mesh={'fsdp': 2, 'expert': 2, 'tensor': 2})
 
 
@@ -37,16 +40,21 @@ def llama_reference():
                        one_device()), lm_batches(1))
 
 
-@pytest.mark.parametrize('impl', ['ring', pytest.param('context_allgather',
-                                                       marks=pytest.mark.slow)])
-def test_llama_step_on_cp2_tp2_dp2_equals_one_device(impl, llama_reference):
+@pytest.mark.parametrize('impl,layout', [
+    ('ring', 'cp2_tp2_dp2'),
+    pytest.param('context_allgather', 'cp2_tp2_dp2', marks=pytest.mark.slow),
+    pytest.param('ring', 'cp2_fsdp2_tp2', marks=pytest.mark.slow),
+])
+def test_llama_step_with_context_and_tensor_parallelism_equals_one_device(impl, layout,
+                                                                          llama_reference):
   ref_losses, ref_params = llama_reference
   model = dict(LLAMA, attention=dict(LLAMA['attention'], impl=impl))
-  prog = program(experiment('llama', model, parallel=CP2_TP2_DP2, optim=LINEAR_OPTIM))
+  parallel = CP_LAYOUTS[layout]
+  prog = program(experiment('llama', model, parallel=parallel, optim=LINEAR_OPTIM))
+  assert {a: prog.layout.mesh.shape[a] for a in parallel['mesh']} == parallel['mesh']
   # The layout is the one claimed: queries split over batch, length and heads at once.
-  assert dict(prog.layout.mesh.shape) == {'data': 2, 'stage': 1, 'fsdp': 1, 'context': 2,
-                                          'expert': 1, 'tensor': 2}
-  assert tuple(prog.layout.spec(R.QUERIES))[:3] == ('data', 'context', 'tensor')
+  batch = 'data' if 'data' in parallel['mesh'] else 'fsdp'
+  assert tuple(prog.layout.spec(R.QUERIES))[:3] == (batch, 'context', 'tensor')
   losses, params = train(prog, lm_batches(1))
   np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
   assert max_abs_diff(params, ref_params) < 1e-5
