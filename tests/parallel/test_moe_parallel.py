@@ -104,7 +104,11 @@ def _expert_weight_gathers(text):
 
 
 @pytest.mark.parametrize('layout,dispatch,capacity_factor', [
-    ('ep8', 'capacity', 0.5), ('ep4_dp2', 'ragged', 1.0),
+    ('ep8', 'capacity', 0.5),
+    # Ragged under expert parallelism with a batch axis beside 'expert' runs in the default
+    # suite on ep2 x fsdp2 x tp2 (test_combinations.py), where the tokens split over fsdp and
+    # expert as they do here over data and expert.
+    pytest.param('ep4_dp2', 'ragged', 1.0, marks=pytest.mark.slow),
     pytest.param('ep8', 'ragged', 1.0, marks=pytest.mark.slow),
     pytest.param('ep4_dp2', 'capacity', 0.5, marks=pytest.mark.slow),
     pytest.param('ep8', 'capacity', 4.0, marks=pytest.mark.slow),
