@@ -13,6 +13,12 @@
   rules              logical name -> mesh axes overriding the preset ('preset' keeps the preset's
                      entry; 'none' or '' replicates; 'data,fsdp' names several axes).
   sequence_parallel  shard the residual stream over its length on 'tensor' (Megatron-SP).
+  layout             a named layout that sets mesh, preset and sequence_parallel in one switch:
+                     '_'-joined <axis><size> tokens, axes dp (data), pp (stage), fsdp, cp
+                     (context), ep (expert), tp (tensor), and 'sp' for sequence parallelism;
+                     e.g. 'pp2_fsdp2_tp2', 'cp4_dp2', 'ep8', 'fsdp4_tp2_sp'. The preset is the one
+                     whose axes are the SPMD axes named (dp, fsdp, tp); axes not named are 1.
+                     Empty (the default): mesh and preset as given.
   pipeline.repeats   with a 'stage' axis of size S > 1 (pipeline parallelism): how many times
                      the micro-batches go round the stages; 1 is GPipe, R > 1 the circular
                      schedule with R S chunks of layers (jaxformer/parallel/pipeline.py). The
@@ -62,6 +68,14 @@ class ParallelConfig:
   rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sequence_parallel: bool = False
   pipeline: PipelineConfig = PipelineConfig()
+  layout: str = ''
+
+  def __post_init__(self):
+    if self.layout:
+      mesh, preset, sp = parse_layout(self.layout)
+      object.__setattr__(self, 'mesh', mesh)
+      object.__setattr__(self, 'preset', preset)
+      object.__setattr__(self, 'sequence_parallel', sp)
 
   # ---------------------------------------------------------------- validation
   def validate(self) -> None:
@@ -110,6 +124,10 @@ class ParallelConfig:
     full.update(sizes)
     return full
 
+  def _mesh_shown(self, ici):
+    """The field and value to name for the ICI mesh: the layout when one set it."""
+    return ('parallel.layout', self.layout) if self.layout else ('parallel.mesh', _shown(ici))
+
   def ici_sizes(self) -> dict[str, int]:
     return self._sizes('mesh', self.mesh, default_rest=True)
 
@@ -151,20 +169,50 @@ class ParallelConfig:
     if -1 in ici.values():
       axis = next(a for a, s in ici.items() if s == -1)
       if per_slice % fixed:
-        fail('parallel.mesh', _shown(ici),
+        fail(*self._mesh_shown(ici),
              f'the fixed axes multiply to {fixed}, which does not divide the {per_slice} '
              f'devices{" per slice" if slices > 1 else ""} ({num_devices} found), so '
              f'{axis!r} (-1) cannot take the rest')
       ici[axis] = per_slice // fixed
     elif fixed != per_slice:
       where = f' per slice ({num_devices} in all)' if slices > 1 else ''
-      fail('parallel.mesh', _shown(ici),
+      fail(*self._mesh_shown(ici),
            f'needs {fixed} devices, but {per_slice} {"are" if per_slice != 1 else "is"} '
            f'available{where}; make the sizes multiply to the device count, or let one axis '
            'be -1')
     sizes = {a: ici[a] * dcn[a] for a in MESH_AXES}
     self._check_used(sizes, self.logical_rules())
     return sizes
+
+
+LAYOUT_AXES = {'dp': 'data', 'pp': 'stage', 'fsdp': 'fsdp', 'cp': 'context', 'ep': 'expert',
+               'tp': 'tensor'}
+
+
+def parse_layout(text: str) -> tuple[dict[str, int], str, bool]:
+  """'pp2_fsdp2_tp2' -> (mesh sizes, preset, sequence_parallel); see `ParallelConfig`."""
+  allowed = (f"'_'-joined tokens <axis><size> with axis in {list(LAYOUT_AXES)}, plus 'sp', "
+             "e.g. 'pp2_fsdp2_tp2'")
+  mesh, sp = {a: 1 for a in MESH_AXES}, False
+  seen = set()
+  for token in text.strip().split('_'):
+    if token == 'sp':
+      sp = True
+      continue
+    name = token.rstrip('0123456789')
+    size = token[len(name):]
+    if name not in LAYOUT_AXES or not size or int(size) < 1:
+      fail('parallel.layout', text, f'has the token {token!r}; a layout is {allowed}')
+    if name in seen:
+      fail('parallel.layout', text, f'names {name!r} twice; a layout is {allowed}')
+    seen.add(name)
+    mesh[LAYOUT_AXES[name]] = int(size)
+  spmd = tuple(a for a in ('data', 'fsdp', 'tensor') if mesh[a] > 1)
+  preset = next((p for p, axes in rules_lib.PRESET_AXES.items() if set(axes) == set(spmd)),
+                None)
+  if preset is None:  # fsdp alone, tensor alone or nothing: the preset that adds data
+    preset = {('fsdp',): 'fsdp', ('tensor',): 'tp'}.get(spmd, 'dp')
+  return mesh, preset, sp
 
 
 CONTEXT_IMPLS = ('ring', 'context_allgather')
@@ -201,4 +249,4 @@ def default_section() -> dict[str, Any]:
   return {'preset': cfg.preset, 'mesh': dict(cfg.mesh), 'dcn_mesh': dict(cfg.dcn_mesh),
           'rules': {name: rules_lib.FROM_PRESET for name in rules_lib.NAMES},
           'sequence_parallel': cfg.sequence_parallel,
-          'pipeline': {'repeats': cfg.pipeline.repeats}}
+          'pipeline': {'repeats': cfg.pipeline.repeats}, 'layout': cfg.layout}

@@ -285,11 +285,12 @@ def test_stage_from_the_rest_of_the_devices_is_checked_with_the_mesh():
 
 
 def test_the_train_command_logs_the_one_device_losses_under_a_circular_pipeline(tmp_path):
-  """`python -m jaxformer.train` on pp2 x dp4, circular (R = 2, M = 2), configs/llama.py."""
+  """`python -m jaxformer.train` on pp2 x dp4, circular (R = 2, M = 2), configs/llama.py, with
+  the layout named in one switch (`parallel.layout`)."""
   from test_topology import _cli_losses  # pylint: disable=import-outside-toplevel
   common = ('--config.model.num_layers=4', '--config.optim.grad_accum_steps=2')
   one = _cli_losses(str(tmp_path / 'one'), 1, *common)
-  piped = _cli_losses(str(tmp_path / 'pp'), 8, *common, '--config.parallel.mesh.stage=2',
-                      '--config.parallel.mesh.data=4', '--config.parallel.pipeline.repeats=2')
+  piped = _cli_losses(str(tmp_path / 'pp'), 8, *common, '--config.parallel.layout=pp2_dp4',
+                      '--config.parallel.pipeline.repeats=2')
   assert sorted(piped) == sorted(one) == list(range(1, 7))
   np.testing.assert_allclose([piped[s] for s in one], list(one.values()), atol=1e-5, rtol=0)

@@ -144,3 +144,38 @@ def test_errors_come_before_any_compilation(tmp_path, monkeypatch):
     program(experiment('llama', dict(LLAMA, ffn=dict(hidden_dim=100)),
                        parallel=dict(mesh={'tensor': 8})))
   assert not compiled
+
+
+@pytest.mark.parametrize('layout,mesh,preset,sp', [
+    ('pp2_fsdp2_tp2', {'stage': 2, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp', False),
+    ('cp4_dp2', {'context': 4, 'data': 2}, 'dp', False),
+    ('ep2_fsdp2_tp2', {'expert': 2, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp', False),
+    ('pp2_dp4', {'stage': 2, 'data': 4}, 'dp', False),
+    ('fsdp4_tp2_sp', {'fsdp': 4, 'tensor': 2}, 'fsdp_tp', True),
+    ('dp2_fsdp2_tp2', {'data': 2, 'fsdp': 2, 'tensor': 2}, 'dp_fsdp_tp', False),
+    ('fsdp8', {'fsdp': 8}, 'fsdp', False),
+    ('tp8', {'tensor': 8}, 'tp', False),
+])
+def test_a_named_layout_is_the_mesh_and_preset_it_names(layout, mesh, preset, sp):
+  """`parallel.layout` is one switch for mesh, preset and sequence parallelism."""
+  named = ParallelConfig(layout=layout, mesh={'data': 8}, preset='dp')  # layout wins
+  named.validate()
+  explicit = ParallelConfig(preset=preset, mesh=dict({'data': 1}, **mesh), sequence_parallel=sp)
+  assert named.mesh_shape(8) == explicit.mesh_shape(8)
+  assert named.logical_rules() == explicit.logical_rules()
+  assert named.preset == preset and named.sequence_parallel == sp
+
+
+@pytest.mark.parametrize('layout,pattern', [
+    ('pp2_xx4', r"parallel.layout='pp2_xx4' is invalid: has the token 'xx4'"),
+    ('pp2_pp4', r"names 'pp' twice"),
+    ('tp', r"has the token 'tp'"),
+])
+def test_bad_layouts_name_the_field_and_the_grammar(layout, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    ParallelConfig(layout=layout)
+
+
+def test_a_layout_that_does_not_fit_the_devices_names_the_layout():
+  with pytest.raises(ConfigError, match=r"parallel.layout='pp2_dp2' is invalid: needs 4 devices"):
+    ParallelConfig(layout='pp2_dp2').mesh_shape(8)
