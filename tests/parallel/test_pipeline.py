@@ -181,6 +181,43 @@ def test_virtual_stages_on_one_device_equal_unpipelined():
   assert max_abs_diff(got[1], ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize('name', ['vit_remat', 'perceiver',
+                                  pytest.param('perceiver_repeats', marks=pytest.mark.slow)])
+def test_other_stack_families_pipelined_on_virtual_stages_equal_unpipelined(name):
+  """ViT (with remat inside the stages) and Perceiver (several stacks over latents), two
+  virtual stages on one device: logits and the gradient of sum(logits^2)."""
+  from jaxformer.models import build_model, family  # pylint: disable=import-outside-toplevel
+  from jaxformer.parallel.config import ParallelConfig  # pylint: disable=import-outside-toplevel
+  if name == 'vit_remat':
+    cfg = family('vit', vocab_size=16, d_model=32, num_layers=2, max_length=64, image_size=16,
+                 patch_size=4, num_labels=5, attention=dict(num_heads=4),
+                 ffn=dict(hidden_dim=64), remat='full')
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  else:
+    cfg = family('perceiver', vocab_size=32, d_model=32, num_layers=2, num_labels=3,
+                 attention=dict(num_heads=4), ffn=dict(hidden_dim=64), max_length=64,
+                 perceiver=dict(num_latents=8, fourier_bands=4,
+                                num_repeats=2 if name == 'perceiver_repeats' else 1))
+    x = jax.random.randint(jax.random.key(1), (4, 12), 0, 32)
+  model = build_model(cfg, seed=8)
+  parallel = ParallelConfig(mesh={'data': 1})
+  plain = Layout(make_mesh(parallel, one_device()), parallel.logical_rules())
+  piped = Layout(plain.mesh, plain.rules, pipeline=pl.PipelineSpec(2, 2))
+
+  def logits(m, x, layout):
+    with layout.active():
+      return m(x).logits
+
+  def grads(m, x, layout):
+    g = nnx.grad(lambda m: jnp.sum(logits(m, x, layout) ** 2))(m)
+    return nnx.to_pure_dict(nnx.state(g))
+
+  for f in (logits, grads):
+    ref = nnx.jit(f, static_argnums=2)(model, x, plain)
+    got = nnx.jit(f, static_argnums=2)(model, x, piped)
+    assert max_abs_diff(got, ref) < 1e-5, f.__name__
+
+
 # ---------------------------------------------------------------------- training
 
 LAYOUTS = {
