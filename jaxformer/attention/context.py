@@ -23,9 +23,14 @@ Without a context axis (no layout, or C = 1) 'ring' runs the same blockwise code
 (one device, two chunks) when L is even, and the reference core otherwise; 'context_allgather'
 is the reference core.
 
-Not supported: an additive bias (ALiBi, T5; a dense [T, S] bias would have to travel with K/V
-and is as large as what the ring avoids), dropout, attention weights, Shaw's value term,
-decoding caches and cross-attention.
+Position biases (ALiBi, T5) arrive as a `layers.positions.RelativeBias`, a function of the
+global positions (feature 'relative_bias'): 'ring' evaluates it tile by tile with each tile's
+positions, and its backward pass sums T5's table gradient over the blocks of every device;
+'context_allgather' evaluates it for its queries against the gathered key positions.
+
+Not supported: a dense additive bias (a [T, S] array would have to travel with K/V and is as
+large as what the ring avoids), dropout, attention weights, Shaw's value term, decoding caches
+and cross-attention.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from jaxformer.attention import registry
 from jaxformer.attention.core import dot_product_attention
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import AttentionConfig, ConfigError
+from jaxformer.layers.positions import RelativeBias
 from jaxformer.parallel import rules as R
 from jaxformer.parallel import ring
 from jaxformer.parallel.sharding import active_layout
@@ -48,7 +54,8 @@ P = jax.sharding.PartitionSpec
 CONTEXT = 'context'
 
 _NO_BIAS = ('a dense [T, S] bias would travel around the ring with K/V, as large as what '
-            "context parallelism avoids; use RoPE (or impl 'xla' without context parallelism)")
+            'context parallelism avoids; position biases (ALiBi, T5) are evaluated per block '
+            'from their positions instead')
 _COMMON = {
     'dropout': 'the blockwise softmax draws no dropout pattern that could reproduce the '
                "reference core's",
@@ -110,7 +117,8 @@ def check_length(length: int, size: int, impl: str) -> None:
 
 
 class _ContextAttention(nnx.Module):
-  features = frozenset({'causal', 'padding', 'segments', 'window', 'softcap'})
+  features = frozenset({'causal', 'padding', 'segments', 'window', 'softcap', 'bias',
+                        'relative_bias'})
 
   option_defaults: dict = {}
 
@@ -124,26 +132,30 @@ class _ContextAttention(nnx.Module):
   def __call__(self, q, k, v, mask: AttentionMask | None, bias=None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None, **unused):
     del deterministic, dropout_rng, unused  # dropout is refused at build time
-    if bias is not None:
-      raise ValueError(f'attention impl {self.impl!r} takes no additive bias ({_NO_BIAS})')
+    if bias is not None and not isinstance(bias, RelativeBias):
+      raise ValueError(f'attention impl {self.impl!r} takes a position bias as a RelativeBias, '
+                       f'not a dense array ({_NO_BIAS})')
     if k.shape[1] != q.shape[1]:
       raise ValueError(f'attention impl {self.impl!r} is for self-attention: {q.shape[1]} '
                        f'queries, {k.shape[1]} keys')
     mask = AttentionMask() if mask is None else mask
     size = context_size()
     if size == 1:
-      return self._one_device(q, k, v, mask)
+      return self._one_device(q, k, v, mask, bias)
     check_length(q.shape[1], size, self.impl)
     layout = active_layout()
     qspec, sspec = _specs(layout, q, k)
-    return self._sharded(q, k, v, mask, size, layout.mesh, qspec, sspec)
+    return self._sharded(q, k, v, mask, bias, size, layout.mesh, qspec, sspec)
 
-  def _reference(self, q, k, v, mask):
-    return dot_product_attention(q, k, v, mask, scale=self.scale,
+  def _reference(self, q, k, v, mask, bias):
+    if bias is not None:
+      qp, kp = mask.positions(q.shape[1], k.shape[1])
+      bias = bias(qp, kp)
+    return dot_product_attention(q, k, v, mask, bias=bias, scale=self.scale,
                                  logit_softcap=self.logit_softcap)
 
 
-@registry.register('dot_product', 'ring', unsupported=dict(_COMMON, bias=_NO_BIAS))
+@registry.register('dot_product', 'ring', unsupported=_COMMON)
 class RingAttention(_ContextAttention):
   """Ring attention over the 'context' mesh axis (module docstring).
 
@@ -164,40 +176,43 @@ class RingAttention(_ContextAttention):
                         'a positive integer')
     self.block_k = block_k
 
-  def _sharded(self, q, k, v, mask, size, mesh, qspec, sspec):
-    return self._ring(q, k, v, mask, size, mesh=mesh, axis_name=CONTEXT, qkv_spec=qspec,
+  def _sharded(self, q, k, v, mask, bias, size, mesh, qspec, sspec):
+    return self._ring(q, k, v, mask, bias, size, mesh=mesh, axis_name=CONTEXT, qkv_spec=qspec,
                       mask_spec=sspec)
 
-  def _one_device(self, q, k, v, mask):
+  def _one_device(self, q, k, v, mask, bias):
     if q.shape[1] % 2:
-      return self._reference(q, k, v, mask)
-    return self._ring(q, k, v, mask, 1)
+      return self._reference(q, k, v, mask, bias)
+    return self._ring(q, k, v, mask, bias, 1)
 
-  def _ring(self, q, k, v, mask, size, **where):
+  def _ring(self, q, k, v, mask, bias, size, **where):
     sched = ring.schedule(size, q.shape[1], causal=mask.causal, window=mask.window)
     return ring.ring_attention(q, k, v, *_local_mask_arrays(q, mask), sched=sched,
                                scale=self.scale, causal=mask.causal, window=mask.window,
-                               logit_softcap=self.logit_softcap, block_k=self.block_k, **where)
+                               logit_softcap=self.logit_softcap, block_k=self.block_k,
+                               bias=bias, **where)
 
 
-@registry.register('dot_product', 'context_allgather', unsupported=dict(_COMMON, bias=_NO_BIAS))
+@registry.register('dot_product', 'context_allgather', unsupported=_COMMON)
 class AllGatherContextAttention(_ContextAttention):
   """Local queries against all-gathered K/V over the 'context' mesh axis (module docstring)."""
 
   impl = 'context_allgather'
 
-  def _one_device(self, q, k, v, mask):
-    return self._reference(q, k, v, mask)
+  def _one_device(self, q, k, v, mask, bias):
+    return self._reference(q, k, v, mask, bias)
 
-  def _sharded(self, q, k, v, mask, size, mesh, qspec, sspec):
+  def _sharded(self, q, k, v, mask, bias, size, mesh, qspec, sspec):
     del size
     local = lambda *a: self._local(*a, mask=mask)  # noqa: E731
-    return jax.shard_map(local, mesh=mesh, in_specs=(qspec,) * 3 + (sspec,) * 4,
-                         out_specs=qspec, check_vma=False)(q, k, v, *_local_mask_arrays(q, mask))
+    bspec = jax.tree.map(lambda x: P(*([None] * (x.ndim - 1)), qspec[2]), bias)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qspec,) * 3 + (sspec,) * 4 + (bspec,),
+                         out_specs=qspec, check_vma=False)(q, k, v, *_local_mask_arrays(q, mask),
+                                                           bias)
 
-  def _local(self, q, k, v, qs, ks, qp, kp, *, mask):
+  def _local(self, q, k, v, qs, ks, qp, kp, bias, *, mask):
     gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
     k, v, ks, kp = gather(k), gather(v), gather(ks), gather(kp)
     local = AttentionMask(q_segment_ids=qs, kv_segment_ids=ks, q_positions=qp, kv_positions=kp,
                           causal=mask.causal, window=mask.window)
-    return self._reference(q, k, v, local)
+    return self._reference(q, k, v, local, bias)

@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from jaxformer.config import PositionConfig
 from jaxformer.layers import base
@@ -155,6 +155,42 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
   return buckets + jnp.where(is_small, rel, large)
 
 
+@struct.dataclass
+class RelativeBias:
+  """An additive attention bias that is a function of (query position, key position): ALiBi
+  (`slopes` [N]: -m_n |t - s|) or T5's buckets (`table` [buckets, N]: table[bucket(s - t), n]).
+
+  Calling it gives the dense bias [B|1, N, T, S] (float32) for any positions, so a core that
+  never holds the whole [T, S] matrix (ring attention, jaxformer/parallel/ring.py) evaluates it
+  block by block with each block's global positions. A pytree: the table is a differentiable
+  leaf, the bucket settings static. The head axis is the last axis of every leaf.
+  """
+  slopes: jax.Array | None = None
+  table: jax.Array | None = None
+  num_buckets: int = struct.field(pytree_node=False, default=0)
+  max_distance: int = struct.field(pytree_node=False, default=0)
+  bidirectional: bool = struct.field(pytree_node=False, default=True)
+
+  def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+    out = None
+    if self.slopes is not None:
+      dist = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)
+      out = -self.slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None]
+    if self.table is not None:
+      rel = kv_positions[:, None, :] - q_positions[:, :, None]
+      bucket = relative_position_bucket(rel, bidirectional=self.bidirectional,
+                                        num_buckets=self.num_buckets,
+                                        max_distance=self.max_distance)
+      values = jnp.take(self.table.astype(jnp.float32), bucket, axis=0)  # [B, T, S, N]
+      values = jnp.transpose(values, (0, 3, 1, 2))
+      out = values if out is None else out + values
+    return out
+
+
+def alibi(num_heads: int) -> RelativeBias:
+  return RelativeBias(slopes=jnp.asarray(alibi_slopes(num_heads), jnp.float32))
+
+
 class T5RelativeBias(nnx.Module):
   """A learned scalar per (bucket, head), looked up as an additive attention bias."""
 
@@ -166,14 +202,13 @@ class T5RelativeBias(nnx.Module):
     self.embedding = base.param(rngs, init, (num_buckets, num_heads), ('position', 'heads'),
                                 param_dtype)
 
+  def relative(self) -> RelativeBias:
+    return RelativeBias(table=self.embedding[...], num_buckets=self.num_buckets,
+                        max_distance=self.max_distance, bidirectional=self.bidirectional)
+
   def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
     """positions [B|1, T], [B|1, S] -> bias [B|1, N, T, S] (float32)."""
-    rel = kv_positions[:, None, :] - q_positions[:, :, None]
-    bucket = relative_position_bucket(rel, bidirectional=self.bidirectional,
-                                      num_buckets=self.num_buckets,
-                                      max_distance=self.max_distance)
-    values = jnp.take(self.embedding[...].astype(jnp.float32), bucket, axis=0)  # [B, T, S, N]
-    return jnp.transpose(values, (0, 3, 1, 2))
+    return self.relative()(q_positions, kv_positions)
 
 
 # ------------------------------------------------------------------ C5 RoPE
@@ -231,6 +266,4 @@ def alibi_bias(q_positions: jax.Array, kv_positions: jax.Array, num_heads: int) 
   from BLOOM's m_n * s only by a per-row constant, which softmax ignores. The symmetric form is
   the usual bidirectional (encoder) extension.
   """
-  dist = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)
-  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
-  return -slopes[None, :, None, None] * dist[:, None]
+  return alibi(num_heads)(q_positions, kv_positions)

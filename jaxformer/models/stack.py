@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.attention import AttentionMask
+from jaxformer.attention import AttentionMask, registry
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.base import tag_params
@@ -112,13 +112,20 @@ class Stack(nnx.Module):
 
   # ------------------------------------------------------------------ position bias
   def bias(self, q_pos, kv_pos):
-    """Additive bias [1|B, N, T, S] shared by all layers, or None."""
+    """Additive bias [1|B, N, T, S] shared by all layers, or None. For an attention core that
+    evaluates a relative bias block by block (feature 'relative_bias': ring attention), the
+    `RelativeBias` itself, which the core calls with each block's positions."""
     kind = self.cfg.position.kind
     if kind == 't5':
-      return self.position_bias(q_pos, kv_pos)
-    if kind == 'alibi':
-      return pos_lib.alibi_bias(q_pos, kv_pos, self.cfg.num_heads)
-    return None
+      relative = self.position_bias.relative()
+    elif kind == 'alibi':
+      relative = pos_lib.alibi(self.cfg.num_heads)
+    else:
+      return None
+    a = self.cfg.attention
+    if 'relative_bias' in registry.lookup(a.kind, a.impl).features:
+      return relative
+    return relative(q_pos, kv_pos)
 
   # ------------------------------------------------------------------ caches
   def _first_group(self) -> LayerGroup:
@@ -287,8 +294,10 @@ class PipelineLoop(LayerLoop):
       raise ValueError(f'a batch of {b} rows does not split into the {m_} pipeline '
                        'micro-batches (optim.grad_accum_steps)')
     micro = lambda a: a.reshape((m_, b // m_) + a.shape[1:])  # noqa: E731
-    leaves, treedef = jax.tree.flatten(side)
-    split = [a.ndim > 0 and a.shape[0] == b and b > 1 for a in leaves]
+    # A RelativeBias holds parameters (no batch dimension) and is shared by every micro-batch.
+    is_shared = lambda a: isinstance(a, pos_lib.RelativeBias)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(side, is_leaf=is_shared)
+    split = [not is_shared(a) and a.ndim > 0 and a.shape[0] == b and b > 1 for a in leaves]
     per_micro = [micro(a) for a, s in zip(leaves, split) if s]
     shared = [a for a, s in zip(leaves, split) if not s]
 

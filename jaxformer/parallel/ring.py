@@ -160,6 +160,9 @@ def from_zigzag(x: jax.Array, axis_name: str, size: int, dim: int = 1) -> jax.Ar
   return jnp.concatenate([even, odd], axis=dim)
 
 
+P = jax.sharding.PartitionSpec
+
+
 # ---------------------------------------------------------------- the ring
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Static:
@@ -172,6 +175,7 @@ class _Static:
   tile: int  # keys per inner tile of a block
   mesh: jax.sharding.Mesh | None = None  # None: called on local arrays, no shard_map
   specs: tuple | None = None  # PartitionSpecs of q / k, of [B, T] arrays and of the lse
+  reduce_axes: tuple = ()  # mesh axes over which a shared bias's gradient is summed
 
 
 def key_tile(chunk: int, block_k: int) -> int:
@@ -200,9 +204,16 @@ def _tile(x, start, size: int):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _logits(q, k, qs, ks, qp, kp, st: _Static):
+def _block_bias(bias, qp, kp, shape):
+  """A `RelativeBias` at one block's global positions, as [B, K, G, Tq, Sk]."""
+  return bias(qp, kp).reshape(shape)
+
+
+def _logits(q, k, qs, ks, qp, kp, st: _Static, bias=None):
   """(z [B, K, G, Tq, Sk] float32 after capping, allowed [B, 1, 1, Tq, Sk], tanh or None)."""
   z = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * st.scale
+  if bias is not None:
+    z = z + _block_bias(bias, qp, kp, z.shape)
   t = None
   if st.softcap is not None:
     t = jnp.tanh(z / st.softcap)
@@ -241,7 +252,7 @@ def _ring_loop(step, carry, st: _Static):
   return carry
 
 
-def _forward(q, k, v, qs, ks, qp, kp, st: _Static):
+def _forward(q, k, v, qs, ks, qp, kp, bias, st: _Static):
   b, t, n, h = q.shape
   kh = k.shape[2]
   g, c, kt = n // kh, t // 2, st.tile
@@ -263,7 +274,7 @@ def _forward(q, k, v, qs, ks, qp, kp, st: _Static):
       o, m, l = carry
       s0 = bb * c + i * kt
       z, allowed, _ = _logits(qa, _tile(k_, s0, kt), qsa, _tile(ks_, s0, kt), qpa,
-                              _tile(kp_, s0, kt), st)
+                              _tile(kp_, s0, kt), st, bias)
       z = jnp.where(allowed, z, masked)
       m_new = jnp.maximum(m, z.max(-1))
       corr = jnp.exp(m - m_new)
@@ -294,7 +305,7 @@ def _forward(q, k, v, qs, ks, qp, kp, st: _Static):
   return jnp.concatenate(outs, axis=1).astype(q.dtype), jnp.stack(lses)
 
 
-def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
+def _backward(q, k, v, qs, ks, qp, kp, bias, out, lse, dout, st: _Static):
   b, t, n, h = q.shape
   kh = k.shape[2]
   g, c, kt = n // kh, t // 2, st.tile
@@ -307,6 +318,7 @@ def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
   zero, = _tie(dout, jnp.zeros((), jnp.float32))
   dq = tuple(jnp.zeros((b, kh, g, c, h), jnp.float32) for _ in range(2))
   dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dbias = jax.tree.map(jnp.zeros_like, bias)
 
   def tiles(a, bb, kv, carry):
     k_, v_, ks_, kp_ = kv
@@ -315,10 +327,11 @@ def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
     delta_a = delta[..., a * c:(a + 1) * c, None]
 
     def tile(i, carry):
-      dq_a, (dk, dv) = carry
+      dq_a, (dk, dv), dbias = carry
       s0 = bb * c + i * kt
       kb, vb = _tile(k_, s0, kt), _tile(v_, s0, kt)
-      z, allowed, tanh = _logits(qa, kb, qsa, _tile(ks_, s0, kt), qpa, _tile(kp_, s0, kt), st)
+      kpb = _tile(kp_, s0, kt)
+      z, allowed, tanh = _logits(qa, kb, qsa, _tile(ks_, s0, kt), qpa, kpb, st, bias)
       p = jnp.where(allowed, jnp.exp(z - lse_a), zero)
       dv_t = jnp.einsum('BKGTS,BTKGH->BSKH', p.astype(doa.dtype), doa,
                         preferred_element_type=jnp.float32)
@@ -326,6 +339,9 @@ def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
       ds = p * (dp - delta_a)
       if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
+      if bias is not None:  # ds is now d loss / d (scaled logits + bias)
+        _, bias_vjp = jax.vjp(lambda bs: _block_bias(bs, qpa, kpb, ds.shape), bias)
+        dbias = jax.tree.map(jnp.add, dbias, bias_vjp(ds)[0])
       ds = ds * st.scale
       dq_a = dq_a + jnp.einsum('BKGTS,BSKH->BKGTH', ds.astype(kb.dtype), kb,
                                preferred_element_type=jnp.float32)
@@ -333,24 +349,27 @@ def _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st: _Static):
                         preferred_element_type=jnp.float32)
       add = lambda x, y: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
           x, _tile(x, s0, kt) + y, s0, axis=1)
-      return dq_a, (add(dk, dk_t), add(dv, dv_t))
+      return dq_a, (add(dk, dk_t), add(dv, dv_t)), dbias
 
     return jax.lax.fori_loop(0, c // kt, tile, carry)
 
   def step(r, carry):
-    kv, dkv, dq = carry
+    kv, dkv, dq, dbias = carry
     if not isinstance(r, int) or r:
       kv, dkv = _shift((kv, dkv), st)
     dq = list(dq)
     for a in range(2):
       for bb in range(2):
-        dq[a], dkv = _run(st, functools.partial(tiles, a, bb, kv), (dq[a], dkv), d, r, a, bb)
-    return kv, dkv, tuple(dq)
+        dq[a], dkv, dbias = _run(st, functools.partial(tiles, a, bb, kv), (dq[a], dkv, dbias),
+                                 d, r, a, bb)
+    return kv, dkv, tuple(dq), dbias
 
-  _, dkv, dq = _ring_loop(step, ((k, v, ks, kp), dkv, dq), st)
+  _, dkv, dq, dbias = _ring_loop(step, ((k, v, ks, kp), dkv, dq, dbias), st)
   dk, dv = _shift(dkv, st, by=-(st.sched.steps - 1))
   dq = jnp.concatenate([jnp.einsum('BKGTH->BTKGH', x).reshape(b, c, n, h) for x in dq], axis=1)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  if st.reduce_axes and bias is not None:  # the bias is shared: its gradient sums every device's blocks and rows
+    dbias = jax.lax.psum(dbias, st.reduce_axes)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
 def _tie(anchor, *xs):
@@ -365,27 +384,29 @@ def _tie(anchor, *xs):
   return tuple(x + zero.astype(x.dtype) for x in xs)
 
 
-def _forward_local(st: _Static, q, k, v, qs, ks, qp, kp):
+def _forward_local(st: _Static, q, k, v, qs, ks, qp, kp, bias):
   """Contiguous local shards in, (out in contiguous order, lse in schedule order) out."""
   k, v, qs, ks, qp, kp = _tie(q, k, v, qs, ks, qp, kp)
+  bias = jax.tree.map(lambda x: _tie(q, x)[0], bias)
   if st.sched.zigzag:
     q, k, v, qs, ks, qp, kp = (to_zigzag(x, st.axis_name, st.sched.size)
                                for x in (q, k, v, qs, ks, qp, kp))
-  out, lse = _forward(q, k, v, qs, ks, qp, kp, st)
+  out, lse = _forward(q, k, v, qs, ks, qp, kp, bias, st)
   if st.sched.zigzag:
     out = from_zigzag(out, st.axis_name, st.sched.size)
   return out, lse
 
 
-def _backward_local(st: _Static, q, k, v, qs, ks, qp, kp, out, lse, dout):
+def _backward_local(st: _Static, q, k, v, qs, ks, qp, kp, bias, out, lse, dout):
   q, k, v, qs, ks, qp, kp, out, lse = _tie(dout, q, k, v, qs, ks, qp, kp, out, lse)
+  bias = jax.tree.map(lambda x: _tie(dout, x)[0], bias)
   if st.sched.zigzag:
     q, k, v, qs, ks, qp, kp, out, dout = (to_zigzag(x, st.axis_name, st.sched.size)
                                           for x in (q, k, v, qs, ks, qp, kp, out, dout))
-  grads = _backward(q, k, v, qs, ks, qp, kp, out, lse, dout, st)
+  *grads, dbias = _backward(q, k, v, qs, ks, qp, kp, bias, out, lse, dout, st)
   if st.sched.zigzag:
-    grads = tuple(from_zigzag(g, st.axis_name, st.sched.size) for g in grads)
-  return grads
+    grads = [from_zigzag(g, st.axis_name, st.sched.size) for g in grads]
+  return (*grads, dbias)
 
 
 def _call(st: _Static, fn, in_specs, out_specs, *args):
@@ -395,26 +416,35 @@ def _call(st: _Static, fn, in_specs, out_specs, *args):
                        check_vma=False)(*args)
 
 
-# The custom_vjp sits outside `shard_map`; its residuals are q, k, v, the mask arrays, out and
-# the log-sum-exp.
+def _bias_specs(st: _Static, bias):
+  """A relative bias's leaves have their heads last: split like the heads of q."""
+  heads = st.specs[0][2] if st.specs else None
+  return jax.tree.map(lambda x: P(*([None] * (x.ndim - 1)), heads), bias)
+
+
+# The custom_vjp sits outside `shard_map`; its residuals are q, k, v, the mask arrays, the
+# relative bias, out and the log-sum-exp.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st, q, k, v, qs, ks, qp, kp):
-  return _ring_fwd(st, q, k, v, qs, ks, qp, kp)[0]
+def _ring(st, q, k, v, qs, ks, qp, kp, bias):
+  return _ring_fwd(st, q, k, v, qs, ks, qp, kp, bias)[0]
 
 
-def _ring_fwd(st, q, k, v, qs, ks, qp, kp):
+def _ring_fwd(st, q, k, v, qs, ks, qp, kp, bias):
   spec = st.specs or (None,) * 3
-  out, lse = _call(st, functools.partial(_forward_local, st), (spec[0],) * 3 + (spec[1],) * 4,
-                   (spec[0], spec[2]), q, k, v, qs, ks, qp, kp)
-  return out, (q, k, v, qs, ks, qp, kp, out, lse)
+  out, lse = _call(st, functools.partial(_forward_local, st),
+                   (spec[0],) * 3 + (spec[1],) * 4 + (_bias_specs(st, bias),),
+                   (spec[0], spec[2]), q, k, v, qs, ks, qp, kp, bias)
+  return out, (q, k, v, qs, ks, qp, kp, bias, out, lse)
 
 
 def _ring_bwd(st, res, dout):
   spec = st.specs or (None,) * 3
-  dq, dk, dv = _call(st, functools.partial(_backward_local, st),
-                     (spec[0],) * 3 + (spec[1],) * 4 + (spec[0], spec[2], spec[0]),
-                     (spec[0],) * 3, *res, dout)
-  return dq, dk, dv, None, None, None, None
+  bspec = _bias_specs(st, res[7])
+  dq, dk, dv, dbias = _call(
+      st, functools.partial(_backward_local, st),
+      (spec[0],) * 3 + (spec[1],) * 4 + (bspec, spec[0], spec[2], spec[0]),
+      (spec[0],) * 3 + (bspec,), *res, dout)
+  return dq, dk, dv, None, None, None, None, dbias
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -422,7 +452,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
                    sched: Schedule, scale: float, causal: bool, window: int | None = None,
-                   logit_softcap: float | None = None, block_k: int = 512,
+                   logit_softcap: float | None = None, block_k: int = 512, bias=None,
                    mesh: jax.sharding.Mesh | None = None, axis_name: str | None = None,
                    qkv_spec=None, mask_spec=None) -> jax.Array:
   """Ring attention of q [B, L, N, H] over k / v [B, L, K, H] -> [B, L, N, H].
@@ -433,14 +463,18 @@ def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posit
   there is no ring (`sched.size` 1). Tokens are in natural order; the zig-zag order of
   `sched` is applied and undone inside. Each block is computed in key tiles of `block_k`
   (`key_tile`), so a device's working set is [B, N, c, block_k] scores, not [B, N, c, c].
+  `bias`, a `layers.positions.RelativeBias` (ALiBi, T5), is evaluated per tile at the tile's
+  global positions; its gradient (T5's table) sums the blocks of every device.
   """
   if q.shape[1] != k.shape[1] or q.shape[1] != 2 * sched.chunk * sched.size:
     raise ValueError(f'ring attention: lengths {q.shape[1]} / {k.shape[1]} do not match the '
                      f'schedule ({2 * sched.size} chunks of {sched.chunk})')
-  specs = None
+  specs, reduce_axes = None, ()
   if mesh is not None:
     b, _, h, _ = qkv_spec
     specs = (qkv_spec, mask_spec, jax.sharding.PartitionSpec(None, b, h, None, axis_name))
+    batch = () if b is None else (b,) if isinstance(b, str) else tuple(b)
+    reduce_axes = batch + (axis_name,)
   st = _Static(sched, axis_name if mesh is not None else None, float(scale), bool(causal),
-               window, logit_softcap, key_tile(sched.chunk, block_k), mesh, specs)
-  return _ring(st, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+               window, logit_softcap, key_tile(sched.chunk, block_k), mesh, specs, reduce_axes)
+  return _ring(st, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, bias)

@@ -40,6 +40,25 @@ def test_one_step_equals_one_device(impl, mesh, reference):
   assert max_abs_diff(params, ref_params) < 1e-5
 
 
+@pytest.mark.parametrize('position', [
+    dict(kind='alibi'),
+    pytest.param(dict(kind='t5', num_buckets=8, max_distance=16), marks=pytest.mark.slow)])
+def test_position_biases_see_global_positions_on_the_ring(position):
+  """A decoder with an ALiBi (or a learned T5) position bias instead of RoPE: one step on
+  cp4 x dp2 with ring attention gives the one-device loss and parameters (the T5 table's
+  gradient included), packed rows with positions reset per segment."""
+  model = dict(LLAMA, position=position)
+  ref_losses, ref_params = train(program(experiment('llama', model, parallel=ONE_DEVICE,
+                                                    optim=LINEAR_OPTIM), one_device()),
+                                 lm_batches(1))
+  prog = program(experiment('llama', dict(model, attention=dict(LLAMA['attention'], impl='ring')),
+                            parallel=dict(preset='dp', mesh={'context': 4, 'data': 2}),
+                            optim=LINEAR_OPTIM))
+  losses, params = train(prog, lm_batches(1))
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+  assert max_abs_diff(params, ref_params) < 1e-5
+
+
 def test_context_needs_a_context_parallel_impl():
   with pytest.raises(ConfigError, match=r"model.attention.impl='xla'.*'ring'"):
     experiment('llama', LLAMA, parallel=dict(preset='dp', mesh={'context': 4, 'data': 2}))
