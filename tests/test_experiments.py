@@ -77,6 +77,9 @@ def test_moe_dispatch_writes_csv_plot_and_counts_fewer_flops_than_dense(tmp_path
   # Dense runs all E experts on every token, capacity E * C slots per row (C = ceil(1.25 * 2 *
   # 16 / E)): at E = 8 that is 8 * 5 = 40 slots per row against dense's 8 * 16 = 128.
   assert by[(8, 'capacity')]['flops'] < 0.6 * by[(8, 'dense')]['flops']
+  # Ragged: k N = 64 rows in blocks of 8 (at most one padded block per expert) against dense's
+  # 8 experts x 32 tokens.
+  assert by[(8, 'ragged')]['flops'] < 0.6 * by[(8, 'dense')]['flops']
   assert by[(8, 'dense')]['flops'] > 1.5 * by[(4, 'dense')]['flops']  # linear in E
   assert by[(4, 'dense')]['flops_ratio_vs_dense'] == 1.0
   assert os.path.getsize(out[:-4] + '.png') > 1000

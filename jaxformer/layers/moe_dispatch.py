@@ -18,8 +18,12 @@ capacity  GShard (Lepikhin et al. 2020) / Switch (Fedus et al. 2021): each exper
           Padding claims no slot. Dense 0/1 dispatch [B, T, E, C] and combine (dispatch * w):
           expert_in = einsum('BTEC,BTD->EBCD'), y = einsum('BTEC,EBCD->BTD').
 ragged    dropless and sparse: the N K assignments are sorted by expert (stable), the gathered
-          rows xs [N K, D] go through `jax.lax.ragged_dot(xs, W [E, D, F], group_sizes [E])`,
-          are unsorted and summed with their weights.
+          rows xs [N K, D] go through a grouped matmul (`grouped_matmul`: xs, W [E, D, F],
+          group_sizes [E]), are unsorted and summed with their weights. The grouped matmul is
+          `jax.lax.ragged_dot` on GPU and TPU; XLA:CPU expands ragged_dot into E dense
+          products (no saving at all), so on CPU it is a blocked grouped matmul
+          (`blocked_grouped_matmul`, MegaBlocks-style: each group padded to whole blocks of
+          rows, every block one expert's matmul), which costs the sparse FLOPs plus padding.
 
 Expert parallelism (`expert_parallel`): when the active layout shards the experts' 'expert'
 dimension over mesh axes of total size n > 1, capacity and ragged run under `jax.shard_map`
@@ -120,13 +124,55 @@ class Experts:
     ids = jnp.minimum(expert_ids, self.num - 1)  # only for bias lookups of ignored rows
 
     def proj(w, b):
-      y = jax.lax.ragged_dot(xs, self.w[w], group_sizes)
+      y = grouped_matmul(xs, self.w[w], group_sizes)
       return y if self.w.get(b) is None else y + self.w[b][ids]
 
     h = self.dropout(self._hidden(proj))
-    y = jax.lax.ragged_dot(h, self.w['wo'], group_sizes)
+    y = grouped_matmul(h, self.w['wo'], group_sizes)
     bo = self.w.get('bo')
     return y if bo is None else y + bo[ids]
+
+
+# ---------------------------------------------------------------------------- grouped matmul
+def grouped_matmul(x, w, group_sizes):
+  """x [A, D] sorted by group, w [G, D, F], group_sizes [G] -> [A, F]: rows of group g times
+  w[g]. Rows past sum(group_sizes) are undefined (the caller ignores them)."""
+  if jax.default_backend() == 'cpu':
+    return blocked_grouped_matmul(x, w, group_sizes)
+  return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def block_rows(num_rows: int, num_groups: int) -> int:
+  """Rows per block: the power of two (>= 8) nearest above A / 2G, so that there are about
+  2G full blocks plus at most G partly padded ones (one per group)."""
+  target = max(1, -(-num_rows // (2 * num_groups)))
+  return max(8, 1 << (target - 1).bit_length())
+
+
+def blocked_grouped_matmul(x, w, group_sizes):
+  """`grouped_matmul` in blocks: each group's rows are padded to a whole number of blocks of
+  `block_rows` rows, every block multiplies its group's weight (one batched matmul over blocks
+  with the weights gathered per block), and the rows are gathered back. Costs the rows' FLOPs
+  plus at most G blocks of padding; the gathered weights take about 3x W."""
+  a, g = x.shape[0], w.shape[0]
+  bs = block_rows(a, g)
+  nb = -(-a // bs) + g
+  sizes = group_sizes.astype(jnp.int32)
+  end = jnp.cumsum(sizes)
+  start = end - sizes
+  padded = (sizes + bs - 1) // bs * bs
+  pend = jnp.cumsum(padded)
+  pstart = pend - padded
+  row = jnp.arange(a, dtype=jnp.int32)
+  grp = jnp.searchsorted(end, row, side='right')       # G for rows past the sum
+  valid = grp < g
+  grp = jnp.minimum(grp, g - 1)
+  dest = jnp.where(valid, pstart[grp] + row - start[grp], nb * bs)
+  xp = jnp.zeros((nb * bs, x.shape[1]), x.dtype).at[dest].set(x, mode='drop')
+  block_group = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * bs, side='right'), g - 1)
+  yp = jnp.einsum('NbD,NDF->NbF', xp.reshape(nb, bs, -1), w[block_group])
+  y = yp.reshape(nb * bs, -1)[jnp.minimum(dest, nb * bs - 1)]
+  return jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
 
 
 # ---------------------------------------------------------------------------- dense

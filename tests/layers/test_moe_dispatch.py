@@ -117,3 +117,29 @@ def test_auto_dispatch_and_config_errors():
   with pytest.raises(ConfigError, match='model.moe.dispatch'):
     ModelConfig.from_dict({'family': 'encoder',
                            'moe': {'num_experts': 4, 'router': 'soft', 'dispatch': 'ragged'}})
+
+
+@pytest.mark.parametrize('sizes,rows', [
+    ([10, 0, 25, 3], 40),          # an empty group; two rows past the sum
+    ([0, 0, 17], 17),              # everything in the last group
+    ([1, 2, 3, 4, 5], 100),        # most rows past the sum
+    (None, 256),                   # 8 groups of random sizes, blocks of 16 rows
+])
+def test_blocked_grouped_matmul_equals_ragged_dot(sizes, rows):
+  """The CPU grouped matmul (padded blocks) against `jax.lax.ragged_dot`: values and
+  gradients of x and w on the rows inside the groups."""
+  from jaxformer.layers.moe_dispatch import blocked_grouped_matmul  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(rows)
+  if sizes is None:
+    sizes = rng.multinomial(rows, np.ones(8) / 8)
+  sizes = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.normal(size=(rows, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(sizes.shape[0], 6, 5)), jnp.float32)
+  total = int(sizes.sum())
+  blocked = lambda x, w: blocked_grouped_matmul(x, w, sizes)[:total]  # noqa: E731
+  ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes)[:total]  # noqa: E731
+  chex.assert_trees_all_close(jax.jit(blocked)(x, w), ragged(x, w), atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  chex.assert_trees_all_close(jax.grad(loss(blocked), (0, 1))(x, w),
+                              jax.grad(loss(ragged), (0, 1))(x, w), atol=1e-5)
+  assert jnp.all(blocked_grouped_matmul(x, w, sizes)[total:] == 0)
