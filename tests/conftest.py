@@ -14,6 +14,9 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# No persistent compilation cache in the user's home from tests (and their subprocesses); the
+# cache's own test names a directory of its own.
+os.environ.setdefault('JAXFORMER_COMPILATION_CACHE', 'none')
 
 import jaxformer  # noqa: E402,F401  (its XLA flag guard must run before JAX starts a backend)
 import jax  # noqa: E402

@@ -44,7 +44,9 @@ class TrainConfig:
   (split into `optim.grad_accum_steps` micro-batches). `eval_batches` / `test_batches`: batches
   per evaluation of the validation / test split; 0 skips it, -1 reads the whole split.
   `profile_steps` > 0 writes a jax.profiler trace of that many steps into <workdir>/profile,
-  from step `profile_start` (0: two steps after the start, past compilation)."""
+  from step `profile_start` (0: two steps after the start, past compilation).
+  `compilation_cache`: where compiled programs are kept between starts ('auto', 'none' or a
+  directory; jaxformer/compile_cache.py)."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -67,6 +69,7 @@ class TrainConfig:
   sample_top_p: float = 1.0
   profile_steps: int = 0
   profile_start: int = 0
+  compilation_cache: str = 'auto'
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)

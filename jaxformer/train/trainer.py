@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer import compile_cache
 from jaxformer.data.shards import make_process_pipeline
 from jaxformer.parallel import distributed
 from jaxformer.parallel.mesh import make_mesh
@@ -98,6 +99,7 @@ class Trainer:
       raise ValueError(f"mode={mode!r} is invalid: allowed values are ['eval', 'train']")
     self.mode = mode
     self.exp = Experiment.from_config(config)
+    self.cache_dir = compile_cache.enable(self.exp.train.compilation_cache)
     self.lock = None
     if mode == 'train':
       self.workdir = prepare_workdir(workdir)
@@ -156,6 +158,9 @@ class Trainer:
     ckpt = getattr(self, 'ckpt', None)
     if ckpt is not None and not getattr(self, '_closed', False):
       ckpt.close()
+    if self.cache_dir is not None and not getattr(self, '_closed', False):
+      log.info('compilation cache %s: %d hits, %d misses in this process', self.cache_dir,
+               compile_cache.STATS.hits, compile_cache.STATS.misses)
     self._closed = True
     if self.lock is not None:
       self.lock.release()
