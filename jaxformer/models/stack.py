@@ -8,17 +8,21 @@ debugging and for the scan == unrolled property), so checkpoints do not depend o
 When MoE replaces the FFN in every `moe.every`-th layer, the scanned unit is a group of `every`
 layers (the last of which is MoE), so the scanned body stays homogeneous.
 
-How the layers are run is a strategy (`LayerLoop`, chosen by `layer_loop(cfg)` from the
-registry `LAYER_LOOPS`): every strategy runs one body `(x, layer, cache) -> (x, cache, aux)` over
-the stacked layer groups and returns the final x, the stacked new caches and the per-group aux
+How the layers are run is a strategy (`LayerLoop`, chosen by `layer_loop(cfg, cache)` from the
+registry `LAYER_LOOPS`): every strategy runs one body `(x, layer, cache, side) -> (x, cache,
+aux)` over the stacked layer groups (`side`: the mask, the stack's position bias, the encoder
+output and its mask, token ids) and returns the final x, the stacked new caches and the aux
 losses. `scan` (`model.scan_layers=True`, the default) runs it under `nnx.scan`; `unrolled`
 (`scan_layers=False`) in a Python loop; `reversible` (`model.reversible`) runs the same layers as
 reversible residual layers (models/reversible.py), which split each layer into its attention and
-FFN branches instead of calling the body. `model.remat` wraps the body before any strategy sees
-it. A new way of running layers (a pipeline over devices, say) is one more registered strategy.
+FFN branches instead of calling the body; `pipeline` (when the active layout carries a
+`PipelineSpec`: a 'stage' mesh axis, jaxformer/parallel/pipeline.py) cuts the scanned groups
+into stages and runs micro-batches through them, each stage scanning its groups. `model.remat`
+wraps the body before any strategy sees it.
 
 Position information that is a bias over (query, key) positions (ALiBi, T5 buckets) is computed
-once per stack and shared by all layers, as in T5 and ALiBi.
+once per stack and shared by all layers, as in T5 and ALiBi; a core that evaluates it block by
+block (ring attention) gets the `RelativeBias` function instead of the dense array.
 """
 
 from __future__ import annotations
