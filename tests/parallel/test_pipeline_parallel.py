@@ -152,7 +152,10 @@ CASES = {
     'mixtral_pp2_dp4': ('mixtral', MIXTRAL, 'lm', lambda n: lm_batches(n, seed=3),
                         {'stage': 2, 'data': 4}, 1, 4),
 }
-SLOW = ('pp2_dp4_gpipe_m1', 'pp4_dp2_circular_m4', 'bert_pp2_tp2_dp2', 't5_pp2_dp4')
+# The default suite keeps circular with tensor parallelism and MoE; the training steps below
+# cover pp2 x dp4 and pp4 x tp2 again.
+SLOW = ('pp2_dp4_gpipe_m1', 'pp2_dp4_gpipe_m4', 'pp4_tp2_gpipe_m2', 'pp4_dp2_circular_m4',
+        'bert_pp2_tp2_dp2', 't5_pp2_dp4')
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
@@ -181,8 +184,9 @@ def test_virtual_stages_on_one_device_equal_unpipelined():
   assert max_abs_diff(got[1], ref[1]) < 1e-5
 
 
-@pytest.mark.parametrize('name', ['vit_remat', 'perceiver',
-                                  pytest.param('perceiver_repeats', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name', ['vit_remat',
+                                  *(pytest.param(n, marks=pytest.mark.slow)
+                                    for n in ('perceiver', 'perceiver_repeats'))])
 def test_other_stack_families_pipelined_on_virtual_stages_equal_unpipelined(name):
   """ViT (with remat inside the stages) and Perceiver (several stacks over latents), two
   virtual stages on one device: logits and the gradient of sum(logits^2)."""
@@ -324,8 +328,8 @@ def test_stage_from_the_rest_of_the_devices_is_checked_with_the_mesh():
 def test_the_train_command_logs_the_one_device_losses_under_a_circular_pipeline(tmp_path):
   """`python -m jaxformer.train` on pp2 x dp4, circular (R = 2, M = 2), configs/llama.py, with
   the layout named in one switch (`parallel.layout`)."""
-  from test_topology import _cli_losses  # pylint: disable=import-outside-toplevel
-  common = ('--config.model.num_layers=4', '--config.optim.grad_accum_steps=2')
+  from test_topology import LLAMA_TINY, _cli_losses  # pylint: disable=import-outside-toplevel
+  common = (*LLAMA_TINY, '--config.model.num_layers=4', '--config.optim.grad_accum_steps=2')
   one = _cli_losses(str(tmp_path / 'one'), 1, *common)
   piped = _cli_losses(str(tmp_path / 'pp'), 8, *common, '--config.parallel.layout=pp2_dp4',
                       '--config.parallel.pipeline.repeats=2')
