@@ -22,12 +22,14 @@ batch 8 x 256 tokens, fp32, AdamW. --d-model, --layers, --batch and --seq change
                  LLaMA architecture plus per-head QK-norm before RoPE, i.e. exactly this model
                  (HF Llama has no QK-norm); torch.optim.AdamW + clip_grad_norm_.
   torch_compile  the same with `torch.compile(model)` (inductor; the optimizer stays eager). Not
-                 in the default --systems: compiling takes minutes on a 2-core machine.
+                 in the default --systems: its warm-up (compile) takes about a minute on the
+                 2-core machine.
 
 bare, jax_ref and the torch systems share the optimizer hyper-parameters (lr, betas, eps, weight
 decay on every parameter, clip norm) at a constant learning rate. Every system starts from the
 same weights (jaxformer's initialisation, copied into the others), so their step-0 losses agree
-(`loss_step0` in the CSV; tests/test_experiments.py checks it to 1e-4).
+(`loss_step0` in the CSV), and bare, jax_ref and torch still agree after some updates
+(`loss_last`); tests/test_experiments.py checks both to 1e-4, and the logits on random weights.
 
 Timing: every system is built and warmed up (2 steps, which compile) first; then --repeats
 rounds, each timing --steps steps of every system in turn (alternating, so that drift of a
@@ -36,8 +38,14 @@ shared machine hits every system alike). A step ends when its updated parameters
 tokens/s = steps * batch * seq / seconds. Reported per system: the median, min and max over
 rounds, and the ratio to `trainer`: the median of per-round ratios, with their min and max.
 
-Threads: XLA:CPU runs one intra-op thread per core by default (not settable from here);
-torch.set_num_threads is set to the same core count, so both use the same cores.
+Threads: XLA:CPU runs one intra-op thread per core by default and torch.set_num_threads is set
+to the same count, so both use the same cores. On a machine shared with other jobs, give both
+one thread (torch's OpenMP threads wait for each other at every op, and with a core taken by
+another job that cost it 10x in docs/benchmarks.md):
+
+    XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
+        python experiments/cpu_step_vs_peers.py --torch-threads 1
+
 Writes the CSV (FIELDS) to --out, a bar chart with min-max error bars next to it (.png), and
 prints a markdown table. Timings mean something only on an otherwise idle machine.
 """
@@ -83,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--d-model', type=int, default=128)
   p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--torch-threads', type=int, default=0,
+                 help='torch.set_num_threads (default 0: one per core, as XLA:CPU)')
   p.add_argument('--out', default='experiments/results/cpu_step_vs_peers.csv')
   args = p.parse_args(argv)
   unknown = sorted(set(args.systems.split(',')) - set(SYSTEMS))
@@ -93,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def jax_threads() -> int:
+  """XLA:CPU's threads: one per core, or 1 when XLA_FLAGS turns its Eigen pool off
+  (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`)."""
+  return 1 if '--xla_cpu_multi_thread_eigen=false' in os.environ.get('XLA_FLAGS', '') else cores()
 
 
 # ------------------------------------------------------------------ shared model and batch
@@ -280,7 +296,7 @@ def torch_model(exp, weights):
 
 def build_torch(exp, batch, weights, h, *, compile_model: bool = False):
   import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(cores())
+  torch.set_num_threads(h['torch_threads'] or cores())
   model = torch_model(exp, weights)
   opt = torch.optim.AdamW(model.parameters(), lr=h['lr'], betas=(h['b1'], h['b2']),
                           eps=h['eps'], weight_decay=h['weight_decay'])
@@ -321,7 +337,7 @@ def torch_available() -> bool:
 def build_all(systems, args) -> tuple[dict, dict, dict]:
   """-> (step callables, step-0 losses, failed systems' statuses), every system warmed up."""
   exp = experiment(args)
-  batch, h = make_batch(exp), hyper(exp)
+  batch, h = make_batch(exp), dict(hyper(exp), torch_threads=args.torch_threads)
   weights = reference_weights(nnx.state(build_model(exp.model, seed=exp.train.seed), nnx.Param))
   steps, first, failed = {}, {}, {}
   for name in systems:
@@ -366,7 +382,7 @@ def make_rows(systems, tps, first, last, failed) -> list[dict]:
     torch_sys = name.startswith('torch')
     row = dict({f: '' for f in FIELDS}, system=name, status=failed.get(name, 'ok'),
                backend='torch-cpu' if torch_sys else backend,
-               device='cpu' if torch_sys else device, threads=cores())
+               device='cpu' if torch_sys else device, threads=jax_threads())
     if torch_sys and torch_available():
       import torch  # pylint: disable=import-outside-toplevel
       row['threads'] = torch.get_num_threads()
@@ -428,8 +444,9 @@ def main(argv=None) -> list[dict]:
   benchlib.write_outputs(
       rows, FIELDS, args.out, plot,
       f'one AdamW step, quickstart LLaMA-style model, L={args.layers}, D={args.d_model}, '
-      f'B={args.batch} x T={args.seq}, fp32, {cores()} cores; {args.repeats} alternating '
-      f'rounds of {args.steps} steps', markdown_table(rows))
+      f'B={args.batch} x T={args.seq}, fp32,\n{cores()} cores (threads: jax {jax_threads()}, '
+      f'torch {args.torch_threads or cores()}); {args.repeats} alternating rounds of '
+      f'{args.steps} steps', markdown_table(rows))
   return rows
 
 
