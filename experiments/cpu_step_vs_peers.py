@@ -53,6 +53,7 @@ prints a markdown table. Timings mean something only on an otherwise idle machin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -325,12 +326,7 @@ BUILDERS = {
 
 
 def torch_available() -> bool:
-  try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+  return all(importlib.util.find_spec(m) is not None for m in ('torch', 'transformers'))
 
 
 # ------------------------------------------------------------------ measurement and outputs
