@@ -7,6 +7,7 @@ import csv
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +102,67 @@ def test_pipeline_bubble_counts_the_executed_schedule(tmp_path):
       assert row['iterations'] == r * m + s - 1
       assert row['bubble'] == pytest.approx((s - 1) / (r * m + s - 1), abs=1e-6)
   assert os.path.getsize(out[:-4] + '.png') > 1000
+
+
+PEERS_TINY = ['--d-model', '32', '--layers', '1', '--batch', '2', '--seq', '16', '--repeats', '1',
+              '--steps', '2']
+
+
+def test_cpu_step_vs_peers_writes_csv_plot_and_every_system_trains_the_same_model(tmp_path):
+  import cpu_step_vs_peers as peers  # noqa: E402  (experiments/cpu_step_vs_peers.py)
+  out = str(tmp_path / 'peers.csv')
+  rows = peers.main(PEERS_TINY + ['--out', out])
+  with open(out) as f:
+    saved = list(csv.DictReader(f))
+  assert [r['system'] for r in saved] == peers.DEFAULT_SYSTEMS.split(',')
+  assert tuple(saved[0]) == peers.FIELDS
+  by = {r['system']: r for r in rows}
+  torch_status = 'ok' if peers.torch_available() else 'no torch'
+  assert by['torch_eager']['status'] == torch_status, by['torch_eager']
+  ok = [r for r in rows if r['status'] == 'ok']
+  assert {r['system'] for r in ok} >= {'trainer', 'bare', 'jax_ref'}, rows
+  for r in ok:
+    assert r['tokens_per_s_min'] <= r['tokens_per_s_median'] <= r['tokens_per_s_max']
+    assert r['ratio_min'] <= r['ratio_to_trainer'] <= r['ratio_max']
+    assert np.isfinite([r['loss_step0'], r['loss_last']]).all(), r
+  assert by['trainer']['ratio_to_trainer'] == 1.0
+  # Same weights, same batch: every system starts from the same loss. bare, jax_ref and torch
+  # also share the optimizer, so after the warm-up and timed steps (4 updates) they still agree,
+  # which needs equal gradients too (the trainer's warmup schedule makes its steps smaller).
+  for r in ok:
+    assert abs(r['loss_step0'] - by['trainer']['loss_step0']) < 1e-4, (r, by['trainer'])
+  for r in ok:
+    if r['system'] not in ('trainer', 'bare'):
+      assert abs(r['loss_last'] - by['bare']['loss_last']) < 1e-4, (r, by['bare'])
+  assert by['bare']['loss_last'] < by['bare']['loss_step0'] - 0.1  # it learns
+  assert os.path.getsize(out[:-4] + '.png') > 1000
+
+
+def test_cpu_step_vs_peers_reference_models_equal_jaxformer_on_random_weights():
+  """Logits, not just losses: at jaxformer's init (std 0.02) every model's logits are near 0,
+  so here every weight is redrawn large (norm scales around 1) before the three are compared."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jaxformer.models import build_model  # pylint: disable=import-outside-toplevel
+  import cpu_step_vs_peers as peers  # noqa: E402
+  exp = peers.experiment(peers.parse_args(PEERS_TINY + ['--layers', '2']))
+  model = build_model(exp.model, seed=0)
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+  batch = peers.make_batch(exp)
+  want = np.asarray(model(batch['inputs']).logits)
+  assert want.std() > 1.0  # far from uniform, so a wrong block would show
+  weights = peers.reference_weights(nnx.state(model, nnx.Param))
+  got = peers.reference_forward(weights, batch['inputs'], eps=exp.model.norm_eps,
+                                theta=exp.model.position.rope_theta)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  if not peers.torch_available():
+    pytest.skip('torch not installed: the JAX reference was checked, the torch model not')
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    logits = peers.torch_model(exp, weights)(
+        input_ids=torch.from_numpy(batch['inputs']).long(), use_cache=False).logits
+  np.testing.assert_allclose(logits.numpy(), want, atol=1e-4, rtol=1e-4)
