@@ -108,6 +108,7 @@ PEERS_TINY = ['--d-model', '32', '--layers', '1', '--batch', '2', '--seq', '16',
               '--steps', '2']
 
 
+@pytest.mark.slow  # 25 s; the model equivalence below stays in the default suite
 def test_cpu_step_vs_peers_writes_csv_plot_and_every_system_trains_the_same_model(tmp_path):
   import cpu_step_vs_peers as peers  # noqa: E402  (experiments/cpu_step_vs_peers.py)
   out = str(tmp_path / 'peers.csv')
