@@ -242,8 +242,8 @@ class Attention(nnx.Module):
                           window=self.window if self.window is not None else mask.window)
     q = constrain(q, R.QUERIES)
 
-    if callable(bias) and 'relative_bias' not in getattr(self.core, 'features', ()):
-      bias = bias(qpos, kpos)  # cores with 'relative_bias' evaluate it block by block
+    if callable(bias) and not getattr(self.core, 'takes_relative_bias', False):
+      bias = bias(qpos, kpos)  # such cores evaluate it block by block
     extra = {}
     if self.shaw is not None:
       index = self.shaw.index(qpos, kpos)

@@ -24,7 +24,7 @@ Without a context axis (no layout, or C = 1) 'ring' runs the same blockwise code
 is the reference core.
 
 Position biases (ALiBi, T5) arrive as a `layers.positions.RelativeBias`, a function of the
-global positions (feature 'relative_bias'): 'ring' evaluates it tile by tile with each tile's
+global positions (`takes_relative_bias`): 'ring' evaluates it tile by tile with each tile's
 positions, and its backward pass sums T5's table gradient over the blocks of every device;
 'context_allgather' evaluates it for its queries against the gathered key positions.
 
@@ -117,8 +117,8 @@ def check_length(length: int, size: int, impl: str) -> None:
 
 
 class _ContextAttention(nnx.Module):
-  features = frozenset({'causal', 'padding', 'segments', 'window', 'softcap', 'bias',
-                        'relative_bias'})
+  features = frozenset({'causal', 'padding', 'segments', 'window', 'softcap', 'bias'})
+  takes_relative_bias = True  # position biases arrive as a RelativeBias (registry.py)
 
   option_defaults: dict = {}
 

@@ -95,7 +95,7 @@ class DotProductAttention(nnx.Module):
   `sow_weights` (see `set_sow_weights`) turns it on after construction too.
   """
 
-  features = registry.FEATURES - {'relative_bias'}  # takes biases as dense arrays
+  features = registry.FEATURES
 
   def __init__(self, cfg: AttentionConfig, *, num_heads: int, num_kv_heads: int, head_dim: int,
                dtype=None, param_dtype=None, rngs: nnx.Rngs | None = None, **unused):

@@ -51,11 +51,12 @@ from jaxformer.config import AttentionConfig, ConfigError
 # decode: KV-cached incremental decoding; cross: keys from another sequence; window: sliding
 # window; dropout: dropout on probabilities; weights: can sow attention probabilities;
 # softcap: logit soft-capping; shaw: the call also accepts `value_bias_fn(probs [B, N, T, S])
-# -> [B, T, N, H]`, added to the output (Shaw et al. relative value term); relative_bias: the
-# bias arrives as a `layers.positions.RelativeBias` (a function of the positions, evaluated by
-# the core block by block) instead of a dense [B|1, N, T, S] array.
+# -> [B, T, N, H]`, added to the output (Shaw et al. relative value term).
+# A core whose class sets `takes_relative_bias = True` receives a position bias as the
+# `layers.positions.RelativeBias` itself (a function of the positions, which it evaluates block
+# by block) instead of a dense [B|1, N, T, S] array: a calling convention, not a need.
 FEATURES = frozenset({'causal', 'padding', 'segments', 'bias', 'decode', 'cross', 'window',
-                      'dropout', 'weights', 'softcap', 'shaw', 'relative_bias'})
+                      'dropout', 'weights', 'softcap', 'shaw'})
 
 _REGISTRY: dict[tuple[str, str], type] = {}
 _REASONS: dict[tuple[str, str], dict[str, str]] = {}

@@ -117,7 +117,7 @@ class Stack(nnx.Module):
   # ------------------------------------------------------------------ position bias
   def bias(self, q_pos, kv_pos):
     """Additive bias [1|B, N, T, S] shared by all layers, or None. For an attention core that
-    evaluates a relative bias block by block (feature 'relative_bias': ring attention), the
+    evaluates a relative bias block by block (`takes_relative_bias`: ring attention), the
     `RelativeBias` itself, which the core calls with each block's positions."""
     kind = self.cfg.position.kind
     if kind == 't5':
@@ -127,7 +127,7 @@ class Stack(nnx.Module):
     else:
       return None
     a = self.cfg.attention
-    if 'relative_bias' in registry.lookup(a.kind, a.impl).features:
+    if getattr(registry.lookup(a.kind, a.impl), 'takes_relative_bias', False):
       return relative
     return relative(q_pos, kv_pos)
 
