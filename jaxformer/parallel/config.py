@@ -137,15 +137,20 @@ class ParallelConfig:
       fail('parallel.dcn_mesh', dict(self.dcn_mesh), 'sizes must be explicit (no -1)')
     return sizes
 
+  def axis_size(self, axis: str) -> int:
+    """ICI x DCN size of a mesh axis; negative when its ICI size is -1 (the rest, known only
+    with the device count)."""
+    return self.ici_sizes()[axis] * self.dcn_sizes()[axis]
+
   @property
   def context_parallel(self) -> bool:
     """Whether the 'context' axis may be > 1 (-1, 'the rest', counts as yes)."""
-    return self.ici_sizes()['context'] * self.dcn_sizes()['context'] != 1
+    return self.axis_size('context') != 1
 
   @property
   def pipeline_parallel(self) -> bool:
     """Whether the 'stage' axis may be > 1 (-1, 'the rest', counts as yes)."""
-    return self.ici_sizes()['stage'] * self.dcn_sizes()['stage'] != 1
+    return self.axis_size('stage') != 1
 
   def logical_rules(self) -> Rules:
     return Rules.from_config(self.preset, self.rules,
@@ -207,11 +212,10 @@ def parse_layout(text: str) -> tuple[dict[str, int], str, bool]:
       fail('parallel.layout', text, f'names {name!r} twice; a layout is {allowed}')
     seen.add(name)
     mesh[LAYOUT_AXES[name]] = int(size)
-  spmd = tuple(a for a in ('data', 'fsdp', 'tensor') if mesh[a] > 1)
-  preset = next((p for p, axes in rules_lib.PRESET_AXES.items() if set(axes) == set(spmd)),
-                None)
-  if preset is None:  # fsdp alone, tensor alone or nothing: the preset that adds data
-    preset = {('fsdp',): 'fsdp', ('tensor',): 'tp'}.get(spmd, 'dp')
+  # The smallest preset that uses every SPMD axis named (presets are listed smallest first).
+  spmd = {a for a in ('data', 'fsdp', 'tensor') if mesh[a] > 1}
+  preset = min((p for p, axes in rules_lib.PRESET_AXES.items() if spmd <= set(axes)),
+               key=lambda p: len(rules_lib.PRESET_AXES[p]))
   return mesh, preset, sp
 
 
@@ -224,7 +228,7 @@ def check_context(parallel: ParallelConfig, attention_impl: str, seq_len: int | 
   (when the context size is explicit) a `seq_len` its chunks do not divide."""
   if not parallel.context_parallel:
     return
-  size = parallel.ici_sizes()['context'] * parallel.dcn_sizes()['context']
+  size = parallel.axis_size('context')
   if attention_impl not in CONTEXT_IMPLS:
     fail('model.attention.impl', attention_impl,
          f"parallel.mesh.context={size} splits every sequence over the 'context' mesh axis, "

@@ -157,8 +157,8 @@ class Experiment:
              "each other; set data.packing='none'")
     check_context(self.parallel, m.attention.impl,
                   dcfg.seq_len if m.family in ('decoder', 'encoder') else None)
-    stages = self.parallel.ici_sizes()['stage'] * self.parallel.dcn_sizes()['stage']
-    if stages != -1:  # -1 ('the rest') is checked once the mesh is known (TrainProgram)
+    stages = self.parallel.axis_size('stage')
+    if stages > 0:  # -1 ('the rest') is checked once the mesh is known (TrainProgram)
       self.check_pipeline(stages)
     k = self.optim.grad_accum_steps
     if t.batch_size % k:
@@ -176,11 +176,10 @@ class Experiment:
         num_layers=num_layers, period=m.moe.every if m.moe.num_experts else 1, family=m.family,
         reversible=m.reversible, scan_layers=m.scan_layers)
     if stages > 1:
-      sizes = {a: par.ici_sizes()[a] * par.dcn_sizes()[a] for a in ('context', 'expert')}
       for axis, why in (('context', 'ring attention and gathered K/V'),
                         ('expert', 'the expert all-to-all')):
-        if sizes[axis] != 1:
-          fail(f'parallel.mesh.{axis}', sizes[axis],
+        if par.axis_size(axis) != 1:
+          fail(f'parallel.mesh.{axis}', par.axis_size(axis),
                f'cannot be combined with pipeline parallelism (parallel.mesh.stage={stages}) '
                f'yet: {why} run in shard_map, which the vmapped pipeline stages do not '
                f'support; use one of the two')
