@@ -205,7 +205,7 @@ class AllGatherContextAttention(_ContextAttention):
   def _sharded(self, q, k, v, mask, bias, size, mesh, qspec, sspec):
     del size
     local = lambda *a: self._local(*a, mask=mask)  # noqa: E731
-    bspec = jax.tree.map(lambda x: P(*([None] * (x.ndim - 1)), qspec[2]), bias)
+    bspec = ring.bias_specs(bias, qspec[2])
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec,) * 3 + (sspec,) * 4 + (bspec,),
                          out_specs=qspec, check_vma=False)(q, k, v, *_local_mask_arrays(q, mask),
                                                            bias)

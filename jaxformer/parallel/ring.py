@@ -416,10 +416,14 @@ def _call(st: _Static, fn, in_specs, out_specs, *args):
                        check_vma=False)(*args)
 
 
-def _bias_specs(st: _Static, bias):
-  """A relative bias's leaves have their heads last: split like the heads of q."""
-  heads = st.specs[0][2] if st.specs else None
+def bias_specs(bias, heads):
+  """PartitionSpecs of a RelativeBias under shard_map: its leaves have the heads last, split
+  like the heads of q (`heads`: q's head entry), the rest whole."""
   return jax.tree.map(lambda x: P(*([None] * (x.ndim - 1)), heads), bias)
+
+
+def _bias_specs(st: _Static, bias):
+  return bias_specs(bias, st.specs[0][2] if st.specs else None)
 
 
 # The custom_vjp sits outside `shard_map`; its residuals are q, k, v, the mask arrays, the
