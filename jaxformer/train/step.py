@@ -88,9 +88,14 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    for _ in range(microbatches):  # pipelined: the mean gradient once for each micro-batch
+
+    def update(_, carry):
+      params, opt_state = carry
       updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      return optax.apply_updates(params, updates), opt_state
+
+    # Pipelined: the mean gradient once for each micro-batch (a loop, not M copies to compile).
+    params, opt_state = jax.lax.fori_loop(0, microbatches, update, (params, opt_state))
     return (params, opt_state, scale, step, i + 1), metrics
 
   def train_step(state, batch):
