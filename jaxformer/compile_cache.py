@@ -3,8 +3,9 @@
 Every start of a run compiles its steps again unless the compiled programs are kept on disk;
 with the cache a second start of the same config (a resume, an evaluation, a sample) loads them.
 
-  'auto'   (default) the directory in $JAXFORMER_COMPILATION_CACHE if set ('none' turns it off),
-           else $XDG_CACHE_HOME/jaxformer/xla (~/.cache/jaxformer/xla)
+  'auto'   (default) what $JAXFORMER_COMPILATION_CACHE says if it is set to something else than
+           'auto' ('none' turns it off, or a directory), else $XDG_CACHE_HOME/jaxformer/xla
+           (~/.cache/jaxformer/xla)
   'none'   off
   a path   that directory
 
@@ -35,9 +36,9 @@ def resolve(setting: str) -> str | None:
   if setting.lower() in ('', 'none', 'off'):
     return None
   if setting == 'auto':
-    env = os.environ.get(ENV)
-    if env is not None:
-      return resolve(env if env != 'auto' else 'none')
+    env = os.environ.get(ENV, 'auto').strip()
+    if env != 'auto':
+      return resolve(env)
     root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return os.path.join(root, 'jaxformer', 'xla')
   return os.path.abspath(os.path.expanduser(setting))

@@ -17,6 +17,8 @@ def test_settings_resolve_to_directories(monkeypatch, tmp_path):
   assert compile_cache.resolve('auto') == os.path.join(str(tmp_path), 'jaxformer', 'xla')
   assert compile_cache.resolve('none') is None and compile_cache.resolve('') is None
   assert compile_cache.resolve(str(tmp_path / 'c')) == str(tmp_path / 'c')
+  monkeypatch.setenv(compile_cache.ENV, 'auto')
+  assert compile_cache.resolve('auto') == os.path.join(str(tmp_path), 'jaxformer', 'xla')
   monkeypatch.setenv(compile_cache.ENV, 'none')
   assert compile_cache.resolve('auto') is None
   monkeypatch.setenv(compile_cache.ENV, str(tmp_path / 'env'))
