@@ -15,6 +15,7 @@ exactly 0 with finite gradients. Dropout (inverted scaling) acts on the probabil
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -56,34 +57,118 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return_weights: also return the probabilities [B, N, T, S] (float32, before dropout).
     value_bias_fn: maps the (dropped-out) probabilities [B, N, T, S] to a term [B, T, N, H] that
       is added to the output; Shaw's sum_j p_ij a^V_ij.
+
+  Computed head-major ([B, K, G, T, H]) with a hand-written backward (`_attend`), except when
+  the probabilities leave the function (`return_weights`, `value_bias_fn`): then JAX
+  differentiates the same forward, so gradients through the weights are exact too.
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = query_groups(n, kh)
   scale = h ** -0.5 if scale is None else scale
-  qg = q.reshape(b, t, kh, g, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, n, t, s) * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if logit_softcap is not None:
-    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-  allowed = mask.dense(t, s) if mask is not None else None
-  if allowed is not None:
-    logits = jnp.where(allowed, logits, MASKED_LOGIT)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if allowed is not None:
-    probs = jnp.where(allowed, probs, 0.0)
-  weights = probs
+  allowed = _grouped(mask.dense(t, s), kh) if mask is not None else None
+  keep = None
   if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.reshape(b, kh, g, t, s).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32).reshape(b, t, n, h)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, kh, g, t, s))
+  qh, kt, vt = _heads(q, kh), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  bias = _grouped(bias.astype(jnp.float32), kh) if bias is not None else None
+  if not return_weights and value_bias_fn is None:
+    out = _attend(qh, kt, vt, allowed, bias, keep, float(scale), logit_softcap, dropout_rate)
+    return _unheads(out).astype(q.dtype)
+  out, probs, _ = _forward(qh, kt, vt, allowed, bias, keep, scale, logit_softcap, dropout_rate)
+  out = _unheads(out)
+  weights = probs.reshape(b, n, t, s)
   if value_bias_fn is not None:
-    out = out + value_bias_fn(probs).astype(jnp.float32)
+    dropped = _dropout(probs, keep, dropout_rate).reshape(b, n, t, s)
+    out = out + value_bias_fn(dropped).astype(jnp.float32)
   out = out.astype(q.dtype)
   return (out, weights) if return_weights else out
+
+
+def _heads(x: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, T, N, H] -> [B, K, G, T, H]: query head n = k G + g (Hugging Face's `repeat_kv`)."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _unheads(x: jax.Array) -> jax.Array:
+  """[B, K, G, T, H] -> [B, T, N, H]."""
+  b, kh, g, t, h = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h)
+
+
+def _grouped(x: jax.Array | None, kv_heads: int) -> jax.Array | None:
+  """A mask or bias [B|1, N|1, T|1, S|1] -> [B|1, K|1, G|1, T|1, S|1]."""
+  if x is None:
+    return None
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _dropout(probs, keep, rate):
+  return probs if keep is None else jnp.where(keep, probs / (1.0 - rate), 0.0)
+
+
+def _forward(qh, kt, vt, allowed, bias, keep, scale, softcap, rate):
+  """(out [B, K, G, T, H] float32, probs [B, K, G, T, S], capped logits or None)."""
+  z = jnp.einsum('BKGTH,BKSH->BKGTS', qh, kt, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    z = z + bias
+  capped = None
+  if softcap is not None:
+    z = capped = softcap * jnp.tanh(z / softcap)
+  if allowed is not None:
+    z = jnp.where(allowed, z, MASKED_LOGIT)
+  probs = jax.nn.softmax(z, axis=-1)
+  if allowed is not None:
+    probs = jnp.where(allowed, probs, 0.0)
+  out = jnp.einsum('BKGTS,BKSH->BKGTH', _dropout(probs, keep, rate).astype(vt.dtype), vt,
+                   preferred_element_type=jnp.float32)
+  return out, probs, capped
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attend(qh, kt, vt, allowed, bias, keep, scale, softcap, rate):
+  """Attention in head-major layout, differentiated by `_attend_bwd`.
+
+  JAX's own transpose of the two einsums asks XLA for dK = dS^T Q with dS [B, K, G T, S]
+  contracted over its middle axis, and XLA:CPU transposes the whole [G T, S] score gradient
+  to get there (and the same for dV). The backward below contracts the small operands instead:
+  dK^T = Q^T dS and dV^T = dO^T P, then transposes the [H, S] results. Same math, in
+  docs/benchmarks.md 2.6x faster on CPU for the quickstart's shapes.
+  """
+  return _forward(qh, kt, vt, allowed, bias, keep, scale, softcap, rate)[0]
+
+
+def _attend_fwd(qh, kt, vt, allowed, bias, keep, scale, softcap, rate):
+  out, probs, capped = _forward(qh, kt, vt, allowed, bias, keep, scale, softcap, rate)
+  return out, (qh, kt, vt, allowed, bias, keep, probs, out, capped)
+
+
+def _attend_bwd(scale, softcap, rate, res, dout):
+  """Softmax backward dZ = P (dP - rowsum(dO * O)); dP = dO V^T, through dropout's mask."""
+  qh, kt, vt, allowed, bias, keep, probs, out, capped = res
+  dout = dout.astype(jnp.float32)
+  dropped = _dropout(probs, keep, rate)
+  dv_t = jnp.einsum('BKGTH,BKGTS->BKHS', dout, dropped)
+  dprobs = _dropout(jnp.einsum('BKGTH,BKSH->BKGTS', dout, vt,
+                               preferred_element_type=jnp.float32), keep, rate)
+  dz = probs * (dprobs - jnp.sum(dout * out, axis=-1, keepdims=True))
+  if capped is not None:
+    dz = dz * (1.0 - jnp.square(capped / softcap))
+  dbias = None
+  if bias is not None:
+    summed = tuple(i for i in range(dz.ndim) if bias.shape[i] == 1 and dz.shape[i] != 1)
+    dbias = jnp.sum(dz, axis=summed, keepdims=True).astype(bias.dtype)
+  dz = dz * scale
+  dq = jnp.einsum('BKGTS,BKSH->BKGTH', dz, kt, preferred_element_type=jnp.float32)
+  dk_t = jnp.einsum('BKGTH,BKGTS->BKHS', qh, dz, preferred_element_type=jnp.float32)
+  return (dq.astype(qh.dtype), dk_t.swapaxes(-1, -2).astype(kt.dtype),
+          dv_t.swapaxes(-1, -2).astype(vt.dtype), None, dbias, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 @registry.register('dot_product', 'xla')
@@ -112,12 +197,14 @@ class DotProductAttention(nnx.Module):
     if not deterministic and self.dropout_rate > 0.0 and dropout_rng is None:
       raise ValueError('attention dropout is active (deterministic=False, '
                        f'model.attention.dropout={self.dropout_rate}) but no dropout_rng was given')
-    out, probs = dot_product_attention(
+    out = dot_product_attention(
         q, k, v, mask, bias=bias, scale=self.scale, logit_softcap=self.logit_softcap,
         dropout_rate=0.0 if deterministic else self.dropout_rate, dropout_rng=dropout_rng,
-        return_weights=True, value_bias_fn=value_bias_fn)
-    if self.sow_weights:
-      self.sow(nnx.Intermediate, 'attention_weights', probs)
+        return_weights=self.sow_weights, value_bias_fn=value_bias_fn)
+    if not self.sow_weights:
+      return out
+    out, probs = out
+    self.sow(nnx.Intermediate, 'attention_weights', probs)
     return out
 
 
