@@ -33,6 +33,7 @@ from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
 from jaxformer.layers import base
 from jaxformer.layers import positions as pos_lib
+from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -143,7 +144,7 @@ class Attention(nnx.Module):
 
   # ---------------------------------------------------------------- projections
   def _proj(self, x, w, b):
-    y = jnp.einsum('BTD,DNH->BTNH', x, w[...].astype(self.dtype))
+    y = dense(x, w[...].astype(self.dtype))  # 'BTD,DNH->BTNH'
     return y if b is None else y + b[...].astype(self.dtype)
 
   def _keys_values(self, src: jax.Array):
@@ -262,7 +263,7 @@ class Attention(nnx.Module):
     # length-split (RESIDUAL), and without this pin XLA carries that layout back into the
     # attention core's backward pass and reshards the [B, K, G, T, S] probabilities there.
     out = constrain(out, R.QUERIES)
-    y = jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(self.dtype))
+    y = dense(out, self.wo[...].astype(self.dtype), 2)  # 'BTNH,NHD->BTD'
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)
     return constrain(y, R.RESIDUAL)

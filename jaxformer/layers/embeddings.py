@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.layers.base import check_token_ids, make_init, param, zeros
+from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain, embedding_lookup
 
@@ -58,7 +59,7 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: x [..., D] -> logits x E^T [..., V] in the compute dtype."""
     dtype = self.dtype or x.dtype
-    logits = jnp.einsum('...D,VD->...V', x.astype(dtype), self.embedding[...].astype(dtype))
+    logits = dense(x.astype(dtype), self.embedding[...].astype(dtype).T)  # '...D,VD->...V'
     return constrain(logits, R.LOGITS)
 
 
@@ -78,7 +79,7 @@ class Head(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
-    logits = jnp.einsum('...D,DV->...V', x.astype(dtype), self.kernel[...].astype(dtype))
+    logits = dense(x.astype(dtype), self.kernel[...].astype(dtype))  # '...D,DV->...V'
     if self.bias is not None:
       logits = logits + self.bias[...].astype(dtype)
     return constrain(logits, R.LOGITS)

@@ -35,6 +35,7 @@ from flax import nnx
 
 from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice
 from jaxformer.layers.base import make_init, param, residual_init, zeros
+from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -130,5 +131,5 @@ class FeedForward(nnx.Module):
 
 
 def _dense(x, w, b):
-  y = jnp.einsum('...D,DF->...F', x, w)
+  y = dense(x, w)
   return y if b is None else y + b
