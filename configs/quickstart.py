@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'llama', vocab_size=260, max_length=seq_len, d_model=32 if tiny else 128,
       num_layers=2 if tiny else 4,
       attention=dict(num_heads=2 if tiny else 4, num_kv_heads=1 if tiny else 2, qk_norm=True),
+      scan_unroll=4,  # the whole scan unrolled: 1.2x faster steps on CPU (docs/benchmarks.md)
       ffn=dict(hidden_dim=64 if tiny else 384), tie_embeddings=True)
   data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=seq_len)
   optim = dict(optimizer='adamw', lr=3e-3, b2=0.99, weight_decay=0.1, schedule='warmup_cosine',

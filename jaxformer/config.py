@@ -253,6 +253,10 @@ class ModelConfig:
   # depth and precision; reversible: Reformer's reversible residual layers (models/reversible.py)
   reversible: bool = False
   scan_layers: bool = True
+  # layer groups per iteration of the scan (`jax.lax.scan`'s unroll); >= the number of groups
+  # unrolls it whole: still one traced body, but XLA sees straight-line code without the stacked
+  # per-layer residual buffers (faster on CPU for shallow models; compile time grows with depth)
+  scan_unroll: int = 1
   remat: str = 'none'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -324,6 +328,10 @@ class ModelConfig:
     check_choice('model.moe.router', self.moe.router, ROUTERS)
     check_choice('model.moe.dispatch', self.moe.dispatch, DISPATCHES)
     check_choice('model.remat', self.remat, REMAT_POLICIES)
+    if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) \
+        or self.scan_unroll < 1:
+      fail('model.scan_unroll', self.scan_unroll,
+           'a positive int: layer groups per scan iteration (>= the group count unrolls all)')
     check_choice('model.init', self.init, INITS)
     check_choice('model.dtype', self.dtype, DTYPES)
     check_choice('model.param_dtype', self.param_dtype, DTYPES)

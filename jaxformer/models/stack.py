@@ -232,12 +232,13 @@ class ScanLoop(LayerLoop):
   name = 'scan'
 
   def run(self, stack, body, x, cache, side, **_):
-    return scan_groups(body, stack.layers, x, cache, side)
+    return scan_groups(body, stack.layers, x, cache, side,
+                       unroll=min(stack.cfg.scan_unroll, stack.num_groups))
 
 
-def scan_groups(body, layers, x, cache, side):
+def scan_groups(body, layers, x, cache, side, unroll: int = 1):
   scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0, 0),
-                  transform_metadata={nnx.PARTITION_NAME: 'layers'})
+                  unroll=unroll, transform_metadata={nnx.PARTITION_NAME: 'layers'})
   return scan(x, layers, cache, side)
 
 

@@ -58,7 +58,8 @@ def test_decoder_jit_scan_remat_equal(name):
   chex.assert_trees_all_close(jitted, ref, atol=1e-5)
   # scan == unrolled and remat == no remat share the same stacked parameters.
   for over in (dict(scan_layers=False), dict(remat='full'), dict(remat='dots'),
-               dict(remat='save_attention_out', scan_layers=False)):
+               dict(remat='save_attention_out', scan_layers=False), dict(scan_unroll=2),
+               dict(scan_unroll=64)):
     other = build_model(cfg.replace(**over), seed=1)
     chex.assert_trees_all_close(forward(other, toks), ref, atol=1e-5)
 
@@ -75,7 +76,7 @@ def test_gradients_equal_under_remat_and_unrolled(name):
     return nnx.grad(loss)(model)
 
   ref = nnx.to_pure_dict(grads(cfg))
-  for over in (dict(remat='full'), dict(scan_layers=False, remat='dots')):
+  for over in (dict(remat='full'), dict(scan_layers=False, remat='dots'), dict(scan_unroll=64)):
     chex.assert_trees_all_close(nnx.to_pure_dict(grads(cfg.replace(**over))), ref, atol=1e-5)
 
 
@@ -287,3 +288,9 @@ def test_families_without_the_shared_stack_refuse_its_loop_options(name):
     family(name, scan_layers=True)
   with pytest.raises(ConfigError, match="model.remat.*must be 'none'"):
     family(name, remat='full')
+
+
+@pytest.mark.parametrize('value', [0, -1, True, 1.5])
+def test_scan_unroll_must_be_a_positive_int(value):
+  with pytest.raises(ConfigError, match='model.scan_unroll'):
+    family('llama', scan_unroll=value)
