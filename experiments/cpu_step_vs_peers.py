@@ -46,6 +46,10 @@ another job that cost it 10x in docs/benchmarks.md):
     XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
         python experiments/cpu_step_vs_peers.py --torch-threads 1
 
+Allocator: the script imports jaxformer, which on CPU sets glibc's mallopt for the whole process
+(jaxformer/cpu_allocator.py), so every system, PyTorch included, runs under it; run with
+JAXFORMER_CPU_ALLOCATOR=system for glibc's defaults (docs/benchmarks.md has both).
+
 Writes the CSV (FIELDS) to --out, a bar chart with min-max error bars next to it (.png), and
 prints a markdown table. Timings mean something only on an otherwise idle machine.
 """
@@ -59,6 +63,7 @@ import statistics
 import sys
 import time
 
+import jaxformer  # noqa: F401  (CPU allocator and miscompile guard, before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
