@@ -21,7 +21,7 @@ from jaxformer.train.experiment import default_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = parse_config_arg(arg, {'size': ('small', ('tiny', 'small'))})['size'] == 'tiny'
   seq_len = 32 if tiny else 256
-  steps = 2 if tiny else 2400
+  steps = 2 if tiny else 2800
   model = family_dict(
       'llama', vocab_size=260, max_length=seq_len, d_model=32 if tiny else 128,
       num_layers=2 if tiny else 4,
@@ -34,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                grad_clip_norm=1.0)
   train = dict(
       batch_size=4 if tiny else 8, steps=steps, log_every=1 if tiny else 100,
-      eval_every=2 if tiny else 800, eval_batches=1 if tiny else 16,
-      checkpoint_every=2 if tiny else 800, test_batches=1 if tiny else -1,
+      eval_every=2 if tiny else 700, eval_batches=1 if tiny else 16,
+      checkpoint_every=2 if tiny else 700, test_batches=1 if tiny else -1,
       sample_prompt='def ', sample_tokens=8 if tiny else 200, sample_temperature=0.8,
       sample_top_k=40)
   return default_config(model=model, data=data, optim=optim, train=train)
