@@ -2,9 +2,7 @@
 
     python experiments/xla_cpu_repro.py            # about 30 s on the 2-core reference CPU
 
-Each case times forward + backward of one small program two ways, alternating, and counts the
-data movements XLA:CPU keeps in the compiled HLO (`transpose` and layout-changing `copy`
-instructions, fused or not). The shapes are the quickstart's (batch 8 x 256 tokens, d 128,
+Each case times forward + backward of one small program two ways, alternating. The shapes are the quickstart's (batch 8 x 256 tokens, d 128,
 FFN 384, 4 / 2 heads of 32).
 
 1. `weight_grad`: y = x W with x [2048, 128], W [128, 384]. JAX's transpose rule writes dW as
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import statistics
 import time
@@ -43,8 +40,7 @@ from jaxformer.layers.linear import dense
 import benchlib  # experiments/benchlib.py
 
 FIELDS = ('case', 'variant', 'ms_median', 'ms_min', 'ms_max', 'speedup_vs_jax_default',
-          'transposes_and_copies', 'page_faults_per_run', 'allocator')
-_MOVES = re.compile(r'= \S+ (?:transpose|copy)\(')
+          'page_faults_per_run', 'allocator')
 
 
 def _programs():
@@ -104,22 +100,19 @@ def main(argv=None) -> None:
         times[name].append((time.perf_counter() - t0) / args.calls * 1e3)
     base = statistics.median(times['jax_default'])
     for name, fn in variants.items():
-      hlo = fn.lower(*inputs).compile().as_text()
       ms = times[name]
       rows.append(dict(case=case, variant=name, ms_median=round(statistics.median(ms), 3),
                        ms_min=round(min(ms), 3), ms_max=round(max(ms), 3),
                        speedup_vs_jax_default=round(base / statistics.median(ms), 2),
-                       transposes_and_copies=len(_MOVES.findall(hlo)),
                        page_faults_per_run=(round(_faults_per_run(fn, inputs))
                                             if case == 'attention' else ''),
                        allocator=allocator))
   benchlib.write_csv(rows, FIELDS, args.out)
-  print('| case | variant | ms median (min-max) | speed-up | transposes + copies in HLO | page faults/run |')
-  print('|---|---|---:|---:|---:|---:|')
+  print('| case | variant | ms median (min-max) | speed-up | page faults/run |')
+  print('|---|---|---:|---:|---:|')
   for r in rows:
     print(f"| {r['case']} | {r['variant']} | {r['ms_median']} ({r['ms_min']}-{r['ms_max']}) | "
-          f"{r['speedup_vs_jax_default']} | {r['transposes_and_copies']} | "
-          f"{r['page_faults_per_run']} |")
+          f"{r['speedup_vs_jax_default']} | {r['page_faults_per_run']} |")
   print(f'wrote {args.out} (allocator: {allocator}; {jax.devices()[0].device_kind})')
 
 
