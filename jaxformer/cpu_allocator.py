@@ -1,10 +1,10 @@
 """Lets XLA:CPU reuse the memory of its temporaries from one step to the next (glibc only).
 
 XLA:CPU allocates an executable's temporaries as one block per run (232 MB for the quickstart's
-train step), from one of its worker threads. glibc serves a block that large from a fresh
-`mmap` (a thread's arena cannot hold it) and unmaps it when the run ends, so every step touches
+train step as profiled), from one of its worker threads. glibc serves a block that large from a
+fresh `mmap` (a thread's arena cannot hold it) and unmaps it when the run ends, so every step touches
 all of it anew: about 60,000 minor page faults per quickstart step (`strace` shows one mmap /
-munmap pair of 232 MB per step; `getrusage` counts the faults), 15-20% of the step on the 2-core
+munmap pair of 232 MB per step; `getrusage` counts the faults), a third of the step on the 2-core
 reference machine (docs/benchmarks.md).
 
 `reuse_freed_memory()` sets three `mallopt` parameters: one arena (M_ARENA_MAX=1), so that large
