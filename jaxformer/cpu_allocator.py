@@ -28,7 +28,8 @@ import ctypes.util
 import importlib.util
 import logging
 import os
-import sys
+
+from jaxformer import xla_guard
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,7 @@ def apply_at_import() -> bool:
   choice = os.environ.get(ENV, 'reuse').strip().lower() or 'reuse'
   if choice not in CHOICES:
     raise ValueError(f'{ENV}={choice!r} is invalid: allowed values are {list(CHOICES)}')
-  if choice != 'reuse' or not cpu_only() or _backend_started():
+  if choice != 'reuse' or not cpu_only() or xla_guard.backend_started():
     return False
   return reuse_freed_memory()
 
-
-def _backend_started() -> bool:
-  if 'jax' not in sys.modules:
-    return False
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  return bool(getattr(xla_bridge, '_backends', None))

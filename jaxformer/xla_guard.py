@@ -39,7 +39,8 @@ def _version(text: str) -> tuple[int, ...]:
   return tuple(parts)
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+  """Whether a JAX backend is running (XLA has read its flags and started its threads)."""
   if 'jax' not in sys.modules:
     return False
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
@@ -67,7 +68,7 @@ def disable_ynn_fusion() -> bool:
     return True
   if os.environ.get(OPT_OUT) or not needs_guard():
     return False
-  if _backend_started():
+  if backend_started():
     warnings.warn(
         'jaxformer was imported after JAX started its backend, so XLA:CPU YNN fusion stays on '
         'in this process; with jaxlib >= 0.10.2 it computes some reductions wrong '
