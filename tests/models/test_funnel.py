@@ -89,8 +89,8 @@ def test_attention_scores_equal_their_definition():
   unpooled keys with [CLS] and token types."""
   cfg = tiny()
   attn = F.FunnelAttention(cfg, rngs=nnx.Rngs(0))
-  for p in ('r_w_bias', 'r_r_bias', 'r_s_bias', 'seg_embed', 'bk'):
-    getattr(attn, p).set_value(jax.random.normal(jax.random.key(len(p)), getattr(attn, p).shape))
+  for i, p in enumerate(('r_w_bias', 'r_r_bias', 'r_s_bias', 'seg_embed', 'bk')):
+    getattr(attn, p).set_value(jax.random.normal(jax.random.key(i), getattr(attn, p).shape))
   rng = np.random.default_rng(0)
   kv = rng.normal(size=(2, 9, 16)).astype(np.float32)
   x = np.asarray(F.mean_pool(jnp.asarray(kv), separate_cls=True, truncate=True))
