@@ -199,6 +199,24 @@ class PerceiverConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FunnelConfig:
+  """Funnel-Transformer (Dai et al. 2020; `jaxformer.models.funnel`): the encoder is
+  `block_sizes` blocks of layers (their sum must equal model.num_layers), each layer of block b
+  applied `block_repeats[b]` times with shared weights (None: once); every block after the first
+  starts by mean-pooling the query stream with stride 2 (`pool_q_only`: keys and values of that
+  first attention stay unpooled; else they are pooled too). `separate_cls` keeps the first
+  ([CLS]) position out of the pooling, `truncate_seq` drops the last position before it (so the
+  pooled length stays even). `model.num_decoder_layers` decoder layers (0: the base model, no
+  decoder) run on the last block's output up-sampled to the input length plus the first
+  block's output."""
+  block_sizes: tuple[int, ...] = (4, 4, 4)
+  block_repeats: tuple[int, ...] | None = None
+  separate_cls: bool = True
+  truncate_seq: bool = True
+  pool_q_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
   family: str = 'decoder'
@@ -213,6 +231,7 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
   rnn: RNNConfig = RNNConfig()
   perceiver: PerceiverConfig = PerceiverConfig()
+  funnel: FunnelConfig = FunnelConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -494,6 +513,10 @@ def _coerce(field: str, value: Any, hint) -> Any:
     return value
   if hint is str and isinstance(value, str):
     return value
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    if not isinstance(value, (list, tuple)):
+      fail(field, value, f'expected a sequence of {args[0].__name__}')
+    return tuple(_coerce(f'{field}[{i}]', v, args[0]) for i, v in enumerate(value))
   if origin is Mapping or hint is Mapping:
     if isinstance(value, Mapping):
       return FrozenDict(dict(value))

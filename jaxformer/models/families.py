@@ -98,6 +98,15 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         family='perceiver', norm='layernorm', norm_position='pre',
         attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='learned'),
         ffn=dict(activation='gelu', bias=True)),
+    # Dai et al. 2020: blocks of post-LN layers with mean pooling in between, relative
+    # positions and token types inside attention, embedding LayerNorm, tanh GELU, decoder of 2
+    # layers over the up-sampled output (HF FunnelConfig defaults: B4-4-4, eps 1e-9).
+    'funnel': dict(
+        family='funnel', norm='layernorm', norm_eps=1e-9, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='none'), ffn=dict(activation='gelu_tanh', bias=True),
+        num_layers=12, num_decoder_layers=2, funnel=dict(block_sizes=(4, 4, 4)),
+        tie_embeddings=True, head_bias=True, scan_layers=False),
 }
 
 

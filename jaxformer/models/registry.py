@@ -109,3 +109,9 @@ register(Family(
                'segments, and it computes its own attention (relative terms (a)-(d))',
     check='jaxformer.models.transformer_xl:check_config'))
 register(Family('perceiver', 'jaxformer.models.perceiver:Perceiver', ('classification',)))
+register(Family(
+    'funnel', 'jaxformer.models.funnel:Funnel', ('mlm', 'classification'),
+    own_layers='it pools the sequence between blocks of layers and computes its own attention '
+               '(relative position and token-type terms)',
+    packing='mean pooling averages neighbouring positions, so packed examples would mix',
+    transformer_flops=False, check='jaxformer.models.funnel:check_config'))
