@@ -199,6 +199,17 @@ class PerceiverConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConformerConfig:
+  """The Conformer convolution module (Gulati et al. 2020; `jaxformer.models.conformer`):
+  `kernel_size` of the depthwise convolution, `norm` after it ('layernorm'; 'batchnorm' is
+  refused, see `conformer.check_config`), and `causal` (None: causal exactly when the family's
+  attention is)."""
+  kernel_size: int = 31
+  norm: str = 'layernorm'
+  causal: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
   family: str = 'decoder'
@@ -213,6 +224,7 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
   rnn: RNNConfig = RNNConfig()
   perceiver: PerceiverConfig = PerceiverConfig()
+  conformer: ConformerConfig = ConformerConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
