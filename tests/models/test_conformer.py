@@ -25,13 +25,16 @@ T = 8
 
 
 @nnx.jit
-def logits(model, toks, segment_ids=None):
-  return model(toks, segment_ids=segment_ids).logits
+def run(model, toks, segment_ids):
+  """One compiled forward per config (rows of T tokens), shared by the tests."""
+  return model(toks, segment_ids=segment_ids)
 
 
-@nnx.jit
-def hidden(model, toks, segment_ids=None):
-  return model(toks, segment_ids=segment_ids).hidden
+def tokens(seed, b=3):
+  return jax.random.randint(jax.random.key(seed), (b, T), 1, 37)
+
+
+ONES = jnp.ones((3, T), jnp.int32)
 
 
 def tiny(name='conformer', **kw):
@@ -75,16 +78,16 @@ def numpy_conv_module(module, x, seg, k, causal):
   return y
 
 
-@pytest.mark.parametrize('k, causal', [(3, True), (4, True), (3, False)])
+@pytest.mark.parametrize('k, causal', [(3, True), pytest.param(4, True, marks=pytest.mark.slow), (3, False)])
 def test_conv_module_matches_numpy_reference_per_segment(k, causal):
   module = conv_module(k, causal)
   x = jax.random.normal(jax.random.key(1), (3, T, 16))
   seg = np.array([[1] * T, [1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0, 0]], np.int32)
-  y, _ = module(x, jnp.asarray(seg))
+  # With segment ids, and without (one example per row).
+  y, y_none = nnx.jit(lambda m, x, s: (m(x, s)[0], m(x)[0]))(module, x, jnp.asarray(seg))
   want = numpy_conv_module(module, x, seg, k, causal)
   valid = seg != 0
   np.testing.assert_allclose(np.asarray(y)[valid], want[valid], rtol=1e-4, atol=1e-4)
-  y_none, _ = module(x)  # no segment ids: one example per row
   np.testing.assert_allclose(np.asarray(y_none)[0], want[0], rtol=1e-4, atol=1e-4)
 
 
@@ -94,7 +97,7 @@ def test_conv_receptive_field_by_gradient(k, causal):
   s > t (and s <= t - k), for the centred one |s - t| > (k - 1) / 2; and non-zero inside it."""
   module = conv_module(k, causal)
   x = jax.random.normal(jax.random.key(2), (1, T, 16))
-  jac = jax.jacrev(lambda x: module(x)[0][0])(x)  # [T, D, 1, T, D]
+  jac = nnx.jit(lambda m, x: jax.jacrev(lambda x: m(x)[0][0])(x))(module, x)  # [T, D, 1, T, D]
   reach = np.asarray(jnp.abs(jac).sum(axis=(1, 2, 4)))  # [t, s]
   t, s = np.meshgrid(np.arange(T), np.arange(T), indexing='ij')
   inside = (s <= t) & (s > t - k) if causal else np.abs(s - t) <= (k - 1) // 2
@@ -104,75 +107,94 @@ def test_conv_receptive_field_by_gradient(k, causal):
 
 def test_block_is_its_equation_with_macaron_halves():
   """y = LN(x3 + FFN2(LN(x3)) / 2), x3 = x2 + Conv(LN(x2)), x2 = x1 + MHSA(LN(x1)),
-  x1 = x + FFN1(LN(x)) / 2, from the block's own sub-modules; and the halves are halves: the
-  block with FFN2's output doubled differs from it, the formula with 1/2 -> 1 matches that."""
-  cfg = tiny()
-  block = ConformerBlock(cfg, causal=False, rngs=nnx.Rngs(0))
+  x1 = x + FFN1(LN(x)) / 2, from the block's own sub-modules (the weights 1/2 are the
+  paper's; the same formula with 1 in place of FFN2's 1/2 differs, so the check can fail)."""
+  block = build_model(tiny(num_labels=5)).stack._first_group().blocks[0]  # pylint: disable=protected-access
+  assert isinstance(block, ConformerBlock)
   x = jax.random.normal(jax.random.key(3), (2, T, 16))
   mask = AttentionMask(q_positions=jnp.arange(T)[None], kv_positions=jnp.arange(T)[None])
-  y, _, aux = block(x, mask)
-  assert aux == {}
 
-  def formula(w2):
+  def formula(block, w2):
     x1 = x + 0.5 * block.ffn1(block.ffn1_sub.norm(x))
     x2 = x1 + block.self_attn(block.attn_sub.norm(x1), mask)[0]
     x3 = x2 + block.conv(block.conv_sub.norm(x2))[0]
     return block.out_norm(x3 + w2 * block.ffn2(block.ffn2_sub.norm(x3)))
 
-  chex.assert_trees_all_close(y, formula(0.5), atol=1e-5)
-  block.ffn2.wo.set_value(2 * block.ffn2.wo[...])
-  block.ffn2.bo.set_value(2 * block.ffn2.bo[...])
-  y2, _, _ = block(x, mask)
-  chex.assert_trees_all_close(y2, formula(0.5), atol=1e-5)
-  assert float(jnp.abs(y2 - y).max()) > 1e-3
+  @nnx.jit
+  def check(block):
+    y, _, aux = block(x, mask)
+    assert aux == {}
+    return y, formula(block, 0.5), formula(block, 1.0)
+
+  y, half, whole = check(block)
+  chex.assert_trees_all_close(y, half, atol=1e-5)
+  assert float(jnp.abs(whole - half).max()) > 1e-3  # the FFN2 branch is not negligible
+  # FFN1's branch is halved too: doubling its output weights equals weighting it by 1.
+  x1_whole = x + block.ffn1(block.ffn1_sub.norm(x))
+  block.ffn1.wo.set_value(2 * block.ffn1.wo[...])
+  block.ffn1.bo.set_value(2 * block.ffn1.bo[...])
+  x1_doubled = x + 0.5 * block.ffn1(block.ffn1_sub.norm(x))
+  chex.assert_trees_all_close(x1_doubled, x1_whole, atol=1e-5)
+  y2, half2, _ = check(block)
+  chex.assert_trees_all_close(y2, half2, atol=1e-5)
 
 
-def test_shapes_of_both_families_and_scan_equals_unrolled():
-  toks = jax.random.randint(jax.random.key(4), (2, T), 1, 37)
-  out = nnx.jit(lambda m, x: m(x))(build_model(tiny(num_labels=5)), toks)
-  chex.assert_shape(out.logits, (2, 5))
-  chex.assert_shape(out.hidden, (2, T, 16))
-  lm_cfg = tiny('conformer_lm')
-  full = logits(build_model(lm_cfg), toks)
-  chex.assert_shape(full, (2, T, 37))
-  unrolled = build_model(lm_cfg.replace(scan_layers=False))
-  chex.assert_trees_all_close(logits(unrolled, toks), full, atol=1e-5)
+def test_shapes_of_both_families():
+  toks = tokens(4)
+  out = run(build_model(tiny(num_labels=5)), toks, ONES)
+  chex.assert_shape(out.logits, (3, 5))
+  chex.assert_shape(out.hidden, (3, T, 16))
+  chex.assert_shape(run(build_model(tiny('conformer_lm')), toks, ONES).logits, (3, T, 37))
 
 
-def test_lm_is_causal_end_to_end():
-  model = build_model(tiny('conformer_lm'), seed=1)
-  toks = jax.random.randint(jax.random.key(5), (2, T), 1, 37)
-  full = logits(model, toks)
-  changed = logits(model, toks.at[:, 5:].set((toks[:, 5:] + 7) % 37))
+@pytest.mark.slow
+def test_scan_equals_unrolled():
+  toks = tokens(4)
+  cfg = tiny('conformer_lm')
+  chex.assert_trees_all_close(run(build_model(cfg.replace(scan_layers=False)), toks, ONES),
+                              run(build_model(cfg), toks, ONES), atol=1e-5)
+
+
+def lm_is_causal(model):
+  toks = tokens(5)
+  full = run(model, toks, ONES).logits
+  changed = run(model, toks.at[:, 5:].set((toks[:, 5:] + 7) % 37), ONES).logits
   np.testing.assert_array_equal(np.asarray(changed[:, :5]), np.asarray(full[:, :5]))
   assert float(jnp.abs(changed[:, 5:] - full[:, 5:]).max()) > 1e-4
 
 
+def test_lm_is_causal_end_to_end():
+  lm_is_causal(build_model(tiny('conformer_lm'), seed=1))
+
+
 def packing_holds(model):
-  """Two examples packed in one row give the hidden states each gives alone."""
-  a = jax.random.randint(jax.random.key(6), (1, 5), 1, 37)
-  b = jax.random.randint(jax.random.key(7), (1, 3), 1, 37)
-  packed = hidden(model, jnp.concatenate([a, b], 1), jnp.array([[1] * 5 + [2] * 3]))
-  chex.assert_trees_all_close(packed[:, :5], hidden(model, a), atol=1e-5)
-  chex.assert_trees_all_close(packed[:, 5:], hidden(model, b), atol=1e-5)
+  """Two examples packed in one row give the hidden states each gives alone (padded rows)."""
+  a, b = tokens(6, 1)[:, :5], tokens(7, 1)[:, :3]
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, T - x.shape[1])))  # noqa: E731
+  toks = jnp.concatenate([jnp.concatenate([a, b], 1), pad(a), pad(b)])
+  seg = jnp.array([[1] * 5 + [2] * 3, [1] * 5 + [0] * 3, [1] * 3 + [0] * 5])
+  h = run(model, toks, seg).hidden
+  chex.assert_trees_all_close(h[0, :5], h[1, :5], atol=1e-5)
+  chex.assert_trees_all_close(h[0, 5:], h[2, :3], atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['conformer', 'conformer_lm'])
 def test_packed_examples_equal_separate_rows(name):
-  """Packing keeps examples apart in the convolution as in the attention."""
+  """Packing and padding keep examples apart in the convolution as in the attention."""
   packing_holds(build_model(tiny(name, num_labels=5 if name == 'conformer' else 0), seed=2))
 
 
 def test_cached_decoding_equals_full_forward():
   model = build_model(tiny('conformer_lm'), seed=3)
-  toks = jax.random.randint(jax.random.key(8), (2, T), 1, 37)
-  full = logits(model, toks)
+  toks = tokens(8)
+  full = run(model, toks, ONES).logits
   step = nnx.jit(lambda m, x, p, c: m(x, positions=p, cache=c))
-  pos = jnp.broadcast_to(jnp.arange(T)[None], (2, T))
-  out = step(model, toks[:, :3], pos[:, :3], model.init_cache(2, T))
-  steps, cache = [out.logits], out.cache
-  for t in range(3, T):
-    out = step(model, toks[:, t:t + 1], pos[:, t:t + 1], cache)
+  pos = jnp.broadcast_to(jnp.arange(T)[None], (3, T))
+  # Two tokens per call: each call's conv reads the state and its own new inputs (one token
+  # per call is `generate`'s case, tested with -m slow below).
+  steps, cache = [], model.init_cache(3, T)
+  for t in range(0, T, 2):
+    out = step(model, toks[:, t:t + 2], pos[:, t:t + 2], cache)
     steps.append(out.logits)
     cache = out.cache
   chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), full, atol=1e-5)
@@ -194,17 +216,13 @@ def test_greedy_generation_of_left_padded_prompts():
 @pytest.mark.parametrize('name', [pytest.param('conformer', marks=pytest.mark.slow),
                                   'conformer_lm'])
 def test_linear_attention_in_the_block(name):
-  """An efficient kind runs inside the block (packing holds; the LM's causality is tested with
-  every kind in test_lm_is_causal_end_to_end's way here) and one that lacks a needed feature
-  (Shaw relative positions) is refused when the model is built."""
+  """An efficient kind inside the block: packing holds (and the LM stays causal); a kind that
+  lacks a needed feature (Shaw relative positions) is refused when the model is built."""
   attention = dict(kind='linear', num_heads=2)
   model = build_model(tiny(name, attention=attention), seed=4)
   packing_holds(model)
   if name == 'conformer_lm':
-    toks = jax.random.randint(jax.random.key(5), (2, T), 1, 37)
-    full = logits(model, toks)
-    changed = logits(model, toks.at[:, 5:].set((toks[:, 5:] + 7) % 37))
-    chex.assert_trees_all_close(changed[:, :5], full[:, :5], atol=1e-6)
+    lm_is_causal(model)
   with pytest.raises(ConfigError, match='shaw'):
     build_model(tiny(name, attention=attention, position=dict(kind='shaw')))
 
