@@ -20,7 +20,8 @@ Model: pre-LN blocks (LayerNorm; the conv module's norm is LayerNorm, BatchNorm 
 see docs/models.md), swish FFNs of 4d, RoPE in place of the paper's Transformer-XL relative
 encoding, no dropout. Optimizer: AdamW (0.9, 0.98), lr 1e-3, warmup then cosine, clip 1.0.
 MQAR: 4 key-value pairs and 4 queries per example (`small`: 8 and 8), byte tokens.
-Expected result (small, mqar; tests/models/test_learning.py, slow): see docs/results.md,
+Measured (small, mqar, 1500 steps, once): 37.8% validation / 39.2% test answer accuracy (chance
+3.3%); tests/models/test_learning.py (slow) requires > 30%. See docs/results.md,
 "Conformer".
 """
 
