@@ -214,6 +214,14 @@ class FunnelConfig:
   separate_cls: bool = True
   truncate_seq: bool = True
   pool_q_only: bool = True
+class ConformerConfig:
+  """The Conformer convolution module (Gulati et al. 2020; `jaxformer.models.conformer`):
+  `kernel_size` of the depthwise convolution, `norm` after it ('layernorm'; 'batchnorm' is
+  refused, see `conformer.check_config`), and `causal` (None: causal exactly when the family's
+  attention is)."""
+  kernel_size: int = 31
+  norm: str = 'layernorm'
+  causal: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +240,7 @@ class ModelConfig:
   rnn: RNNConfig = RNNConfig()
   perceiver: PerceiverConfig = PerceiverConfig()
   funnel: FunnelConfig = FunnelConfig()
+  conformer: ConformerConfig = ConformerConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5

@@ -107,6 +107,18 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         position=dict(kind='none'), ffn=dict(activation='gelu_tanh', bias=True),
         num_layers=12, num_decoder_layers=2, funnel=dict(block_sizes=(4, 4, 4)),
         tie_embeddings=True, head_bias=True, scan_layers=False),
+    # Gulati et al. 2020: macaron half-step swish FFNs (4x), MHSA, convolution module (kernel
+    # 31, LayerNorm: BatchNorm is refused, see models/conformer.py), pre-LN, final LN per block.
+    # RoPE stands in for Transformer-XL relative positions (relative, and every attention kind
+    # and cached decoding take it). `conformer` is the encoder, `conformer_lm` the causal LM.
+    'conformer': dict(
+        family='conformer', norm='layernorm', norm_position='pre', final_norm=False,
+        position=dict(kind='rope'), ffn=dict(activation='silu', bias=True),
+        conformer=dict(kernel_size=31, norm='layernorm'), pooler=True),
+    'conformer_lm': dict(
+        family='conformer_lm', norm='layernorm', norm_position='pre', final_norm=False,
+        position=dict(kind='rope'), ffn=dict(activation='silu', bias=True),
+        conformer=dict(kernel_size=31, norm='layernorm'), tie_embeddings=True),
 }
 
 

@@ -13,6 +13,10 @@ the rest of the code asks about a family is a field here, so no caller branches 
   * `own_layers`: None if its layers are the shared stack (`models/stack.py`: scanned, remat,
     pipelined, any attention kind); else the reason it runs its own, which refuses
     `scan_layers`, `remat`, attention kinds and pipeline parallelism at config time.
+  * `block`: 'module:Class' of the layer its shared stack is made of: `TransformerBlock`
+    (models/block.py) unless the family brings its own (the Conformer block). The class takes
+    `(cfg, *, causal, cross, moe, rngs)`, is called like `TransformerBlock` and makes its own
+    decoding cache (`init_cache`).
   * `single_stack`: one stack of self-attention blocks (reversible layers need that).
   * `context_parallel`: its attention runs over a sequence that context parallelism can split.
   * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
@@ -41,6 +45,7 @@ class Family:
   causal: bool = False
   generation: str | None = None
   own_layers: str | None = None
+  block: str = 'jaxformer.models.block:TransformerBlock'
   single_stack: bool = False
   context_parallel: bool = False
   packing: str | None = None
@@ -51,6 +56,9 @@ class Family:
 
   def build(self, cfg, *, rngs):
     return _resolve(self.model)(cfg, rngs=rngs)
+
+  def block_class(self) -> type:
+    return _resolve(self.block)
 
   def validate(self, cfg) -> None:
     if self.check is not None:
@@ -115,3 +123,9 @@ register(Family(
                '(relative position and token-type terms)',
     packing='mean pooling averages neighbouring positions, so packed examples would mix',
     transformer_flops=False, check='jaxformer.models.funnel:check_config'))
+CONFORMER = dict(block='jaxformer.models.conformer:ConformerBlock', single_stack=True,
+                 check='jaxformer.models.conformer:check_config')
+register(Family('conformer', 'jaxformer.models.encoder:EncoderModel', ('classification', 'mlm'),
+                **CONFORMER))
+register(Family('conformer_lm', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
+                generation='decoder', **CONFORMER))
