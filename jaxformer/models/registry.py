@@ -13,6 +13,9 @@ the rest of the code asks about a family is a field here, so no caller branches 
   * `own_layers`: None if its layers are the shared stack (`models/stack.py`: scanned, remat,
     pipelined, any attention kind); else the reason it runs its own, which refuses
     `scan_layers`, `remat`, attention kinds and pipeline parallelism at config time.
+  * `shared_attention`: with `own_layers`, its layers still build the shared `Attention`
+    (jaxformer.attention), so `model.attention.kind` / `impl` are not refused wholesale: its
+    `check` says which it takes.
   * `single_stack`: one stack of self-attention blocks (reversible layers need that).
   * `context_parallel`: its attention runs over a sequence that context parallelism can split.
   * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
@@ -41,6 +44,7 @@ class Family:
   causal: bool = False
   generation: str | None = None
   own_layers: str | None = None
+  shared_attention: bool = False
   single_stack: bool = False
   context_parallel: bool = False
   packing: str | None = None
@@ -109,3 +113,8 @@ register(Family(
                'segments, and it computes its own attention (relative terms (a)-(d))',
     check='jaxformer.models.transformer_xl:check_config'))
 register(Family('perceiver', 'jaxformer.models.perceiver:Perceiver', ('classification',)))
+register(Family(
+    'swin', 'jaxformer.models.swin:Swin', ('classification',), token_inputs=False,
+    transformer_flops=False, shared_attention=True, check='jaxformer.models.swin:check_config',
+    own_layers='its stages change width and resolution (patch merging) and alternate plain and '
+               'shifted windows, so its blocks are not one scanned stack'))
