@@ -15,7 +15,9 @@ Presets (`:size=`):
           windows), 2 heads; a CPU in seconds (tests/test_configs.py).
   small   patch 2 (16 x 16 map), C = 48, depths 2-2-2, heads 3-6-12, 4 x 4 windows (the last
           stage's 4 x 4 map is one unshifted window), 2000 steps of 64 images; 2-core CPU.
-          Not yet measured to the end (see docs/models.md#swin for what was run).
+          The full 2000 steps are not yet measured; a 300-step run of it
+          (`--config.train.steps=300`, seed 0) reached 85.3% validation and 86.0% test
+          accuracy (chance: 10%) in 14 minutes on the shared, heavily loaded 2-core CPU.
   swin_t  Swin-T's shape (C = 96, depths 2-2-6-2, heads 3-6-12-24, MLP ratio 4, drop path
           0.2) on 2 x 2 patches of the 32 x 32 images with 4 x 4 windows (map 16, 8, 4, 2);
           one GPU. Not yet measured. At 224 x 224 with 4 x 4 patches and 7 x 7 windows this is
