@@ -214,6 +214,9 @@ class FunnelConfig:
   separate_cls: bool = True
   truncate_seq: bool = True
   pool_q_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ConformerConfig:
   """The Conformer convolution module (Gulati et al. 2020; `jaxformer.models.conformer`):
   `kernel_size` of the depthwise convolution, `norm` after it ('layernorm'; 'batchnorm' is
@@ -222,6 +225,18 @@ class ConformerConfig:
   kernel_size: int = 31
   norm: str = 'layernorm'
   causal: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinConfig:
+  """Swin Transformer (Liu et al. 2021; `jaxformer.models.swin`, checked there): stage s has
+  `depths[s]` blocks of width d_model * 2^s and `num_heads[s]` heads (None: model.attention.
+  num_heads * 2^s) attending within windows of `window_size`^2 patches, shifted by half a
+  window in every second block; its FFN width is `mlp_ratio` times the stage width."""
+  depths: tuple[int, ...] = (2, 2)
+  num_heads: tuple[int, ...] | None = None
+  window_size: int = 7
+  mlp_ratio: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +256,7 @@ class ModelConfig:
   perceiver: PerceiverConfig = PerceiverConfig()
   funnel: FunnelConfig = FunnelConfig()
   conformer: ConformerConfig = ConformerConfig()
+  swin: SwinConfig = SwinConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -264,7 +280,7 @@ class ModelConfig:
   mlm_head: bool = False
   pooler: bool = False
   num_labels: int = 0
-  # ViT
+  # ViT, Swin, Perceiver on pixels
   image_size: int = 32
   patch_size: int = 4
   num_channels: int = 3
@@ -426,9 +442,9 @@ class ModelConfig:
       why = (f'for model.family={self.family!r}, which runs its own layers instead of the '
              f'shared stack (models/stack.py): {fam.own_layers}')
       a = self.attention
-      if a.kind != 'dot_product':
+      if a.kind != 'dot_product' and not fam.shared_attention:
         fail('model.attention.kind', a.kind, f"must be 'dot_product' {why}")
-      if a.impl not in ('xla', 'auto'):
+      if a.impl not in ('xla', 'auto') and not fam.shared_attention:
         fail('model.attention.impl', a.impl, f"must be 'xla' (or 'auto') {why}")
       if self.scan_layers:
         fail('model.scan_layers', True, f'must be False {why}')

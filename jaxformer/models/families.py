@@ -78,6 +78,14 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         family='vit', norm='layernorm', norm_eps=1e-12, norm_position='pre',
         attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='none'),
         ffn=dict(activation='gelu', bias=True), pooler=True),
+    # Liu et al. 2021: Swin-T's shape (C = 96, depths 2-2-6-2, heads 3-6-12-24, 7 x 7 windows,
+    # 4 x 4 patches); shifted windows with a relative position bias, pre-LN, patch merging,
+    # average pool. `num_layers` follows the depths (derived below).
+    'swin': dict(
+        family='swin', norm='layernorm', norm_eps=1e-5, norm_position='pre', d_model=96,
+        attention=dict(num_heads=3, qkv_bias=True, out_bias=True), position=dict(kind='none'),
+        ffn=dict(activation='gelu', bias=True), scan_layers=False, image_size=224,
+        patch_size=4, swin=dict(depths=(2, 2, 6, 2), window_size=7)),
     # Bahdanau et al. 2015 / Luong et al. 2015 baseline.
     'rnn': dict(family='rnn_seq2seq', position=dict(kind='none'), scan_layers=False),
     # Kitaev et al. 2020: shared-QK LSH attention, reversible layers, chunked FFN, pre-LN.
@@ -128,6 +136,8 @@ _DERIVED = {
     # derives from tie_word_embeddings); T5 v1.1 is untied and unscaled.
     't5': lambda d: {'logits_scale': d.get('d_model', ModelConfig.d_model) ** -0.5
                      if d.get('tie_embeddings', True) else None},
+    # Swin's blocks are its stages' depths.
+    'swin': lambda d: {'num_layers': sum(d.get('swin', {}).get('depths', (2, 2)))},
 }
 
 

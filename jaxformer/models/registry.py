@@ -17,6 +17,9 @@ the rest of the code asks about a family is a field here, so no caller branches 
     (models/block.py) unless the family brings its own (the Conformer block). The class takes
     `(cfg, *, causal, cross, moe, rngs)`, is called like `TransformerBlock` and makes its own
     decoding cache (`init_cache`).
+  * `shared_attention`: with `own_layers`, its layers still build the shared `Attention`
+    (jaxformer.attention), so `model.attention.kind` / `impl` are not refused wholesale: its
+    `check` says which it takes.
   * `single_stack`: one stack of self-attention blocks (reversible layers need that).
   * `context_parallel`: its attention runs over a sequence that context parallelism can split.
   * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
@@ -46,6 +49,7 @@ class Family:
   generation: str | None = None
   own_layers: str | None = None
   block: str = 'jaxformer.models.block:TransformerBlock'
+  shared_attention: bool = False
   single_stack: bool = False
   context_parallel: bool = False
   packing: str | None = None
@@ -129,3 +133,8 @@ register(Family('conformer', 'jaxformer.models.encoder:EncoderModel', ('classifi
                 **CONFORMER))
 register(Family('conformer_lm', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
                 generation='decoder', **CONFORMER))
+register(Family(
+    'swin', 'jaxformer.models.swin:Swin', ('classification',), token_inputs=False,
+    transformer_flops=False, shared_attention=True, check='jaxformer.models.swin:check_config',
+    own_layers='its stages change width and resolution (patch merging) and alternate plain and '
+               'shifted windows, so its blocks are not one scanned stack'))
