@@ -61,7 +61,7 @@ def check_choice(field: str, value: Any, choices) -> None:
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 FAMILIES = ('decoder', 'encoder', 'encoder_decoder', 'vit', 'rnn_seq2seq', 'transformer_xl',
-            'perceiver')
+            'perceiver', 'mamba')
 NORMS = ('layernorm', 'rmsnorm', 'scalenorm')
 NORM_POSITIONS = ('pre', 'post', 'sandwich')
 ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
@@ -345,7 +345,7 @@ class ModelConfig:
   @property
   def is_causal(self) -> bool:
     """Whether the (decoder) self-attention is causal."""
-    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq', 'transformer_xl')
+    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq', 'transformer_xl', 'mamba')
 
   # ---------------------------------------------------------------- construction
   @classmethod
@@ -496,6 +496,24 @@ class ModelConfig:
     if m.attention_every < 0:
       fail('model.mamba.attention_every', m.attention_every,
            'must be >= 0 (0: every layer is Mamba; k: every k-th layer is attention)')
+    if self.family != 'mamba':
+      return
+    if self.reversible:
+      fail('model.reversible', True, "must be False for model.family='mamba': reversible "
+           'layers split every layer into attention and FFN branches')
+    if self.moe.num_experts and not m.ffn:
+      fail('model.moe.num_experts', self.moe.num_experts,
+           "must be 0 for model.family='mamba' unless model.mamba.ffn=True: MoE replaces an "
+           'FFN, and Mamba layers have none without it')
+    if not m.attention_every:
+      why = (" for model.family='mamba' with model.mamba.attention_every=0, which has no "
+             'attention layers')
+      if self.position.kind not in ('none', 'learned', 'sinusoidal'):
+        fail('model.position.kind', self.position.kind,
+             f"must be 'none', 'learned' or 'sinusoidal'{why} to apply it")
+      if self.attention.kind != 'dot_product' or self.attention.impl not in ('xla', 'auto'):
+        fail('model.attention.kind', self.attention.kind,
+             f"must be 'dot_product' with impl 'xla' or 'auto'{why} to use it")
 
   def _validate_reversible(self) -> None:
     why = 'model.reversible=True needs '

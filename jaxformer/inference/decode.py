@@ -183,7 +183,8 @@ def cache_batch_axis(kind: str) -> Callable[[tuple, jax.Array], int | None]:
 
 def model_kind(model) -> str:
   family = getattr(getattr(model, 'cfg', None), 'family', None)
-  kinds = {'decoder': 'decoder', 'encoder_decoder': 'seq2seq', 'rnn_seq2seq': 'rnn'}
+  kinds = {'decoder': 'decoder', 'mamba': 'decoder', 'encoder_decoder': 'seq2seq',
+           'rnn_seq2seq': 'rnn'}
   if family not in kinds:
     raise ValueError(f'generation needs a decoder, encoder-decoder or RNN seq2seq model; got '
                      f'{type(model).__name__} with family={family!r}')

@@ -9,7 +9,7 @@
 
 Families (HF `model_type` -> jaxformer family preset): gpt2 -> gpt2, llama -> llama,
 mistral -> mistral, mixtral -> mixtral, bert -> bert, roberta -> roberta, t5 -> t5 / t5_v1_1,
-bart -> bart, vit -> vit. The HF config becomes `family(name, **overrides)` (sizes, heads, kv
+bart -> bart, vit -> vit, mamba -> mamba. The HF config becomes `family(name, **overrides)` (sizes, heads, kv
 heads, head dim, eps, RoPE theta and linear scaling, vocabulary, positions, tying, sliding window,
 experts, dropout rates); an HF setting jaxformer cannot express raises `ConfigError` naming the
 HF field (`hf.<field>`). Weights go through the per-family `Rule` tables of
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.interop import hf_decoders, hf_encoders, hf_rules, hf_seq2seq
+from jaxformer.interop import hf_decoders, hf_encoders, hf_mamba, hf_rules, hf_seq2seq
 from jaxformer.models import build_model, family
 
 
@@ -68,6 +68,7 @@ _FAMILIES: dict[str, _Family] = {
                    hf_encoders.vit_normalize),
     't5': _Family(hf_seq2seq.t5_config, hf_seq2seq.t5_rules, '', hf_seq2seq.T5_IGNORE),
     'bart': _Family(hf_seq2seq.bart_config, hf_seq2seq.bart_rules, 'model.'),
+    'mamba': _Family(hf_mamba.mamba_config, hf_mamba.mamba_rules, 'backbone.'),
 }
 _HEAD_KEYS = re.compile(r'^(lm_head\.|cls\.|classifier\.|final_logits_bias$)')
 
@@ -275,10 +276,13 @@ def _set(model, path: str, x: np.ndarray, dtype, layout=None) -> int:
 # =========================================================================== export
 def hf_model_type(cfg: ModelConfig) -> str:
   """The HF model_type a decoder config exports to (learned positions: GPT-2; RoPE: LLaMA,
-  Mistral with a window, Mixtral with experts)."""
+  Mistral with a window, Mixtral with experts; the 'mamba' family: Mamba)."""
+  if cfg.family == 'mamba':
+    return 'mamba'
   if cfg.family != 'decoder':
     raise ConfigError(f'model.family={cfg.family!r} cannot be exported: to_hf_state_dict '
-                      "supports the 'decoder' family (GPT-2, LLaMA, Mistral, Mixtral)")
+                      "supports the 'decoder' family (GPT-2, LLaMA, Mistral, Mixtral) and "
+                      "'mamba'")
   kind = cfg.position.kind
   if kind == 'learned':
     return 'gpt2'
@@ -291,10 +295,13 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def to_hf_config(cfg: ModelConfig):
-  """The transformers config (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig) of a
-  decoder; raises ConfigError naming the first field HF cannot express."""
-  if hf_model_type(cfg) == 'gpt2':
+  """The transformers config (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig,
+  MambaConfig) of a decoder; raises ConfigError naming the first field HF cannot express."""
+  kind = hf_model_type(cfg)
+  if kind == 'gpt2':
     return hf_decoders.gpt2_hf_config(cfg)
+  if kind == 'mamba':
+    return hf_mamba.mamba_hf_config(cfg)
   return hf_decoders.llama_hf_config(cfg)
 
 

@@ -13,7 +13,7 @@ def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0
   """Builds the NNX module for `cfg.family` (validating the config first)."""
   cfg.validate()
   rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
-  if cfg.family == 'decoder':
+  if cfg.family in ('decoder', 'mamba'):
     from jaxformer.models.decoder import DecoderLM
     return DecoderLM(cfg, rngs=rngs)
   if cfg.family == 'encoder':

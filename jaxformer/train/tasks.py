@@ -33,6 +33,7 @@ FAMILY_TASKS = {
     'vit': ('classification',),
     'transformer_xl': ('lm',),
     'perceiver': ('classification',),
+    'mamba': ('lm',),
 }
 
 
