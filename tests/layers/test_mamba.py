@@ -1,6 +1,7 @@
 """The Mamba layer (CATALOG D10): the parallel scan equals the sequential recurrence (outputs and
 gradients), cached decoding equals the full forward, packed segments and padding are isolated."""
 
+import dataclasses
 import functools
 
 import chex
@@ -15,11 +16,19 @@ from jaxformer.layers import mamba as M
 
 
 @functools.cache
-def make(scan='associative', use_bias=False):
+def make(use_bias=True):
   # A large init so that outputs are O(1) and the tolerances mean something.
   cfg = ModelConfig.from_dict(dict(d_model=16, init_std=0.3,
-                                   mamba=dict(d_state=4, d_conv=3, scan=scan, use_bias=use_bias)))
+                                   mamba=dict(d_state=4, d_conv=3, use_bias=use_bias)))
   return cfg, nnx.jit(lambda: M.Mamba(cfg, rngs=nnx.Rngs(0)))()
+
+
+def with_scan(layer, cfg, scan):
+  """The same parameters in a layer built for `mamba.scan=scan` (no initialiser compiled)."""
+  other = nnx.eval_shape(lambda: M.Mamba(
+      cfg.replace(mamba=dataclasses.replace(cfg.mamba, scan=scan)), rngs=nnx.Rngs(0)))
+  nnx.update(other, nnx.state(layer))
+  return other
 
 
 def test_associative_scan_equals_recurrence_values_and_grads():
@@ -46,9 +55,10 @@ def test_associative_scan_equals_recurrence_values_and_grads():
   chex.assert_trees_all_close(ga, gs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_layer_parallel_equals_sequential_outputs_and_param_grads():
-  cfg, layer = make('associative')
-  _, seq = make('sequential')  # same seed: same parameters
+  cfg, layer = make()
+  seq = with_scan(layer, cfg, 'sequential')
   u = jax.random.normal(jax.random.key(1), (2, 11, 16))
 
   def loss(model, u):
@@ -62,63 +72,52 @@ def test_layer_parallel_equals_sequential_outputs_and_param_grads():
   chex.assert_trees_all_close(jax.tree.map(np.asarray, nnx.state(gp[0])),
                               jax.tree.map(np.asarray, nnx.state(gs[0])), atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(gp[1], gs[1], atol=1e-5, rtol=1e-5)
-  assert float(jnp.abs(yp).max()) > 1e-3  # not trivially zero
+  assert float(jnp.std(yp)) > 0.1  # outputs of order one: the tolerances mean something
 
 
-@pytest.mark.parametrize('prefill', [0, 4])
-def test_cached_decoding_equals_full_forward(prefill):
-  """A prompt of `prefill` tokens (0: none) into an empty cache, then one token at a time."""
-  _, layer = make(use_bias=True)
-  u = jax.random.normal(jax.random.key(2), (2, 9, 16))
+@pytest.mark.slow  # the model-level test (tests/models/test_mamba_models.py) runs by default
+def test_cached_decoding_equals_full_forward_and_segments_are_isolated():
+  """Decoding: all tokens one at a time from an empty cache, and a 4-token prompt then one at a
+  time, equal the full forward. Packing: two packed segments with padding give each segment's
+  own output, as if run alone, and the cache after a packed prompt is the last segment's, so
+  decoding continues it alone."""
+  _, layer = make()
+  u = jax.random.normal(jax.random.key(2), (2, 12, 16))
+  seg = jnp.array([[0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
 
   @nnx.jit
-  def run(layer, u):
-    full, _ = layer(u)
-    cache = layer.init_cache(2)
-    outs = []
-    if prefill:
-      y, cache = layer(u[:, :prefill], cache=cache)
-      outs.append(y)
-    for t in range(prefill, u.shape[1]):
-      y, cache = layer(u[:, t:t + 1], cache=cache)
-      outs.append(y)
-    return full, jnp.concatenate(outs, 1), cache
+  def run(m, u):
+    full, runs = m(u[:, :9])[0], []
+    for prefill in (0, 4):
+      cache, outs = m.init_cache(2), []
+      if prefill:
+        y, cache = m(u[:, :prefill], cache=cache)
+        outs.append(y)
+      for t in range(prefill, 9):
+        y, cache = m(u[:, t:t + 1], cache=cache)
+        outs.append(y)
+      runs.append(jnp.concatenate(outs, 1))
+    v = u[:1]
+    _, packed_cache = m(v[:, :9], seg[:, :9], cache=m.init_cache(1))
+    step = m(v[:, 9:10], jnp.array([[2]]), cache=packed_cache)[0]
+    packed = (m(v, seg)[0], m(v[:, 2:7])[0], m(v[:, 7:10])[0], step)
+    return full, runs, cache, packed
 
-  full, stepped, cache = run(layer, u)
-  chex.assert_trees_all_close(stepped, full, atol=1e-5, rtol=1e-5)
+  full, runs, cache, (y, a, b, step) = run(layer, u)
+  assert float(jnp.std(full)) > 0.1  # outputs of order one: the tolerances mean something
+  for stepped in runs:
+    chex.assert_trees_all_close(stepped, full, atol=1e-5, rtol=1e-5)
   chex.assert_shape(cache['conv'], (2, 2, 32))
   chex.assert_shape(cache['ssm'], (2, 32, 4))
-
-
-def test_packed_segments_do_not_leak_and_padding_is_inert():
-  """Two packed segments (and padding) give each segment's own output, as if run alone."""
-  _, layer = make()
-  u = jax.random.normal(jax.random.key(4), (1, 12, 16))
-  seg = jnp.array([[0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
-  y, a, b = nnx.jit(lambda m, u: (m(u, seg)[0], m(u[:, 2:7])[0], m(u[:, 7:10])[0]))(layer, u)
   chex.assert_trees_all_close(y[:, 2:7], a, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(y[:, 7:10], b, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(step[:, 0], b[:, -1], atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(y[:, :2]), 0)
   np.testing.assert_array_equal(np.asarray(y[:, 10:]), 0)
 
 
-def test_cache_after_packed_prefill_continues_the_last_segment():
-  """The state after a packed prompt is the last segment's: decoding continues it alone."""
-  _, layer = make()
-  u = jax.random.normal(jax.random.key(5), (1, 8, 16))
-  seg = jnp.array([[1, 1, 1, 1, 1, 2, 2]])
-
-  @nnx.jit
-  def run(m, u):
-    _, cache = m(u[:, :7], seg, cache=m.init_cache(1))
-    return m(u[:, 7:8], jnp.array([[2]]), cache=cache)[0], m(u[:, 5:8])[0]
-
-  y, alone = run(layer, u)
-  chex.assert_trees_all_close(y[:, 0], alone[:, -1], atol=1e-5, rtol=1e-5)
-
-
 def test_parameters_carry_logical_names():
-  _, layer = make(use_bias=True)
+  _, layer = make()
   for path, v in nnx.iter_graph(layer):
     if isinstance(v, nnx.Param):
       names = v.get_metadata()['out_sharding']
