@@ -60,8 +60,6 @@ def check_choice(field: str, value: Any, choices) -> None:
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-FAMILIES = ('decoder', 'encoder', 'encoder_decoder', 'vit', 'rnn_seq2seq', 'transformer_xl',
-            'perceiver', 'mamba')
 NORMS = ('layernorm', 'rmsnorm', 'scalenorm')
 NORM_POSITIONS = ('pre', 'post', 'sandwich')
 ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
@@ -345,7 +343,13 @@ class ModelConfig:
   @property
   def is_causal(self) -> bool:
     """Whether the (decoder) self-attention is causal."""
-    return self.family in ('decoder', 'encoder_decoder', 'rnn_seq2seq', 'transformer_xl', 'mamba')
+    return self.family_spec.causal
+
+  @property
+  def family_spec(self):
+    """The registered family (`models/registry.py`): what it builds and can do."""
+    from jaxformer.models import registry  # pylint: disable=import-outside-toplevel
+    return registry.get(self.family)
 
   # ---------------------------------------------------------------- construction
   @classmethod
@@ -367,7 +371,7 @@ class ModelConfig:
   # ---------------------------------------------------------------- validation
   def validate(self) -> None:
     a, p = self.attention, self.position
-    check_choice('model.family', self.family, FAMILIES)
+    fam = self.family_spec  # raises, naming the registered families, if unknown
     check_choice('model.norm', self.norm, NORMS)
     check_choice('model.norm_position', self.norm_position, NORM_POSITIONS)
     check_choice('model.ffn.activation', self.ffn.activation, ACTIVATIONS)
@@ -436,29 +440,20 @@ class ModelConfig:
       fail('model.memory_length', self.memory_length, 'must be >= 0 (0: no memory)')
     if self.segment_length is not None and self.segment_length <= 0:
       fail('model.segment_length', self.segment_length, 'must be a positive integer or None')
-    if self.family in ('transformer_xl', 'rnn_seq2seq'):
-      # These families compute their own attention (relative terms (a)-(d); Bahdanau / Luong),
-      # so a registry kind or impl would be silently ignored.
+    if fam.own_layers is not None:
+      # Such a family computes its own attention and runs its own layers, so a registry
+      # kind or impl, the shared stack's loop strategies and remat would be silently ignored.
+      why = (f'for model.family={self.family!r}, which runs its own layers instead of the '
+             f'shared stack (models/stack.py): {fam.own_layers}')
       a = self.attention
       if a.kind != 'dot_product':
-        fail('model.attention.kind', a.kind,
-             f"must be 'dot_product' for model.family={self.family!r}, which computes its own "
-             'attention')
+        fail('model.attention.kind', a.kind, f"must be 'dot_product' {why}")
       if a.impl not in ('xla', 'auto'):
-        fail('model.attention.impl', a.impl,
-             f"must be 'xla' (or 'auto') for model.family={self.family!r}, which computes its "
-             'own attention')
-      # Nor do they run the shared layer stack (models/stack.py): its loop strategies and
-      # remat policies would be silently ignored.
-      why = (f'for model.family={self.family!r}, which runs its own layers instead of the '
-             'shared stack (models/stack.py)')
+        fail('model.attention.impl', a.impl, f"must be 'xla' (or 'auto') {why}")
       if self.scan_layers:
         fail('model.scan_layers', True, f'must be False {why}')
       if self.remat != 'none':
         fail('model.remat', self.remat, f"must be 'none' {why}")
-    if self.family == 'transformer_xl' and p.kind != 'none':
-      fail('model.position.kind', p.kind, "must be 'none' for model.family='transformer_xl' "
-           '(it has its own relative positions)')
     pc = self.perceiver
     check_choice('model.perceiver.inputs', pc.inputs, ('tokens', 'pixels'))
     for name in ('num_latents', 'num_repeats', 'cross_heads', 'fourier_bands'):
@@ -468,13 +463,11 @@ class ModelConfig:
       fail('model.perceiver.cross_heads', pc.cross_heads,
            f'must divide model.d_model={self.d_model}')
     self._validate_mamba()
-    if self.family == 'vit' and self.image_size % self.patch_size:
-      fail('model.patch_size', self.patch_size,
-           f'must divide model.image_size={self.image_size}')
     if self.ffn.chunk_size is not None and self.ffn.chunk_size <= 0:
       fail('model.ffn.chunk_size', self.ffn.chunk_size, 'must be a positive integer or None')
     if self.reversible:
       self._validate_reversible()
+    fam.validate(self)
     if self.type_vocab_size < 0:
       fail('model.type_vocab_size', self.type_vocab_size, 'must be >= 0')
     if not 0 <= self.pad_id < self.vocab_size:
@@ -496,29 +489,13 @@ class ModelConfig:
     if m.attention_every < 0:
       fail('model.mamba.attention_every', m.attention_every,
            'must be >= 0 (0: every layer is Mamba; k: every k-th layer is attention)')
-    if self.family != 'mamba':
-      return
-    if self.reversible:
-      fail('model.reversible', True, "must be False for model.family='mamba': reversible "
-           'layers split every layer into attention and FFN branches')
-    if self.moe.num_experts and not m.ffn:
-      fail('model.moe.num_experts', self.moe.num_experts,
-           "must be 0 for model.family='mamba' unless model.mamba.ffn=True: MoE replaces an "
-           'FFN, and Mamba layers have none without it')
-    if not m.attention_every:
-      why = (" for model.family='mamba' with model.mamba.attention_every=0, which has no "
-             'attention layers')
-      if self.position.kind not in ('none', 'learned', 'sinusoidal'):
-        fail('model.position.kind', self.position.kind,
-             f"must be 'none', 'learned' or 'sinusoidal'{why} to apply it")
-      if self.attention.kind != 'dot_product' or self.attention.impl not in ('xla', 'auto'):
-        fail('model.attention.kind', self.attention.kind,
-             f"must be 'dot_product' with impl 'xla' or 'auto'{why} to use it")
 
   def _validate_reversible(self) -> None:
     why = 'model.reversible=True needs '
-    if self.family not in ('decoder', 'encoder', 'vit'):
-      fail('model.family', self.family, why + "a single stack: 'decoder', 'encoder' or 'vit'")
+    if not self.family_spec.single_stack:
+      from jaxformer.models import registry  # pylint: disable=import-outside-toplevel
+      single = [n for n in registry.names() if registry.get(n).single_stack]
+      fail('model.family', self.family, why + f'a single stack: one of {single}')
     if self.norm_position == 'post':
       fail('model.norm_position', self.norm_position,
            why + "residual branches y = x + f(x): 'pre' or 'sandwich'")

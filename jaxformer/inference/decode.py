@@ -182,13 +182,14 @@ def cache_batch_axis(kind: str) -> Callable[[tuple, jax.Array], int | None]:
 
 
 def model_kind(model) -> str:
-  family = getattr(getattr(model, 'cfg', None), 'family', None)
-  kinds = {'decoder': 'decoder', 'mamba': 'decoder', 'encoder_decoder': 'seq2seq',
-           'rnn_seq2seq': 'rnn'}
-  if family not in kinds:
-    raise ValueError(f'generation needs a decoder, encoder-decoder or RNN seq2seq model; got '
-                     f'{type(model).__name__} with family={family!r}')
-  return kinds[family]
+  """The family's generation strategy (a key of STARTS), from the family registry."""
+  cfg = getattr(model, 'cfg', None)
+  kind = cfg.family_spec.generation if cfg is not None else None
+  if kind is None:
+    raise ValueError(f'generation needs a model whose family generates (a decoder, '
+                     f'encoder-decoder or RNN seq2seq); got {type(model).__name__} with '
+                     f'family={getattr(cfg, "family", None)!r}')
+  return kind
 
 
 STARTS = {'decoder': start_decoder, 'seq2seq': start_seq2seq, 'rnn': start_rnn}

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.attention import Attention, AttentionMask
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, fail
 from jaxformer.layers.dropout import DropPath
 from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.mamba import Mamba
@@ -35,12 +35,31 @@ ACT = R.RESIDUAL
 
 
 def layer_mixer(cfg: ModelConfig, layer: int) -> str:
-  """'attention' or 'mamba': the token mixer of layer `layer` (0-based) of a stack. The 'mamba'
-  family is Mamba throughout, except every `mamba.attention_every`-th layer (hybrid stacks)."""
-  if cfg.family != 'mamba':
+  """'attention' or 'mamba': the token mixer of layer `layer` (0-based) of a stack. A family
+  whose registry `mixer` is 'mamba' is Mamba throughout, except every
+  `mamba.attention_every`-th layer (hybrid stacks)."""
+  if cfg.family_spec.mixer != 'mamba':
     return 'attention'
   k = cfg.mamba.attention_every
   return 'attention' if k and layer % k == k - 1 else 'mamba'
+
+
+def check_mamba_config(cfg: ModelConfig) -> None:
+  """What a Mamba stack cannot do, refused at config time (the registry's `check`)."""
+  m = cfg.mamba
+  if cfg.moe.num_experts and not m.ffn:
+    fail('model.moe.num_experts', cfg.moe.num_experts,
+         f"must be 0 for model.family={cfg.family!r} unless model.mamba.ffn=True: MoE replaces "
+         'an FFN, and Mamba layers have none without it')
+  if not m.attention_every:
+    why = (f' for model.family={cfg.family!r} with model.mamba.attention_every=0, which has no '
+           'attention layers')
+    if cfg.position.kind not in ('none', 'learned', 'sinusoidal'):
+      fail('model.position.kind', cfg.position.kind,
+           f"must be 'none', 'learned' or 'sinusoidal'{why} to apply it")
+    if cfg.attention.kind != 'dot_product' or cfg.attention.impl not in ('xla', 'auto'):
+      fail('model.attention.kind', cfg.attention.kind,
+           f"must be 'dot_product' with impl 'xla' or 'auto'{why} to use it")
 
 
 class SubLayer(nnx.Module):

@@ -56,7 +56,7 @@ REMAT_POLICIES = {
 def layer_period(cfg: ModelConfig) -> int:
   """Layers per scanned group: the period of the MoE layers and of a hybrid's attention layers."""
   moe = cfg.moe.every if cfg.moe.num_experts else 1
-  attention = cfg.mamba.attention_every if cfg.family == 'mamba' else 0
+  attention = cfg.mamba.attention_every if cfg.family_spec.mixer == 'mamba' else 0
   return math.lcm(moe, attention or 1)
 
 

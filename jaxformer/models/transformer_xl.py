@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention.core import MASKED_LOGIT
-from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.config import ConfigError, ModelConfig, fail
 from jaxformer.layers import base
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.ffn import FeedForward
@@ -59,6 +59,12 @@ from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
+
+
+def check_config(cfg: ModelConfig) -> None:
+  if cfg.position.kind != 'none':
+    fail('model.position.kind', cfg.position.kind, "must be 'none' for "
+         "model.family='transformer_xl' (it has its own relative positions)")
 
 
 def rel_shift(x: jax.Array) -> jax.Array:

@@ -13,12 +13,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import AttentionMask
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, fail
 from jaxformer.layers.base import make_init, normal_init, param, zeros
 from jaxformer.layers.norms import make_norm
 from jaxformer.models.common import ModelOutput
 from jaxformer.models.encoder import Classifier, Pooler
 from jaxformer.models.stack import Stack
+
+
+def check_config(cfg: ModelConfig) -> None:
+  if cfg.image_size % cfg.patch_size:
+    fail('model.patch_size', cfg.patch_size, f'must divide model.image_size={cfg.image_size}')
 
 
 class ViT(nnx.Module):

@@ -156,11 +156,15 @@ def idle_fraction(trace) -> float:
 
 
 def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: dict[str, int],
-                 period: int, family: str, reversible: bool, scan_layers: bool) -> None:
+                 period: int, family: str, own_layers: str | None, reversible: bool,
+                 scan_layers: bool) -> None:
   """Config-time refusals for pipeline parallelism (S = parallel.mesh.stage > 1).
 
   `num_layers` maps the config field that sets each pipelined stack's depth to its value;
-  `period` is the number of layers in a scanned group (model.moe.every with MoE, else 1).
+  `period` is the number of layers in a scanned group (`models.stack.layer_period`: the MoE
+  and hybrid-attention periods).
+  `own_layers` is the family's reason for not running the shared stack, if it does not
+  (`models/registry.py`).
   """
   if repeats < 1:
     fail('parallel.pipeline.repeats', repeats, 'must be a positive integer')
@@ -170,10 +174,10 @@ def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: di
            'needs pipeline parallelism (parallel.mesh.stage > 1); with one stage there is '
            'nothing to repeat')
     return
-  if family in UNPIPELINED_FAMILIES:
+  if own_layers is not None:
     fail('parallel.mesh.stage', stages,
          f'asks for pipeline parallelism, which model.family={family!r} cannot use: '
-         f'{UNPIPELINED_FAMILIES[family]}; set parallel.mesh.stage=1')
+         f'{own_layers}; set parallel.mesh.stage=1')
   if reversible:
     fail('parallel.mesh.stage', stages,
          'cannot pipeline reversible layers (model.reversible=True): their backward pass '
@@ -185,7 +189,7 @@ def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: di
          'layer stack, cut into stages')
   for field, layers in num_layers.items():
     if (layers // period) % (stages * repeats):
-      groups = f' / model.moe.every={period} layer groups' if period > 1 else ' layers'
+      groups = f' groups of {period} layers' if period > 1 else ' layers'
       fail(field, layers, f'({layers // period}{groups}) must be divisible by '
            f'parallel.mesh.stage={stages} x parallel.pipeline.repeats={repeats}, so that every '
            'stage holds as many layers')
@@ -197,9 +201,3 @@ def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: di
          'have other micro-batches to work on meanwhile')
 
 
-# Families whose layers are not the shared scanned stack (models/stack.py).
-UNPIPELINED_FAMILIES = {
-    'transformer_xl': 'its segment-level recurrence carries memory from layer to layer across '
-                      'segments outside the shared stack',
-    'rnn_seq2seq': 'it has recurrent layers, not the shared Transformer stack',
-}

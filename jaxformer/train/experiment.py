@@ -27,6 +27,7 @@ from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
+from jaxformer.models.stack import layer_period
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
 from jaxformer.parallel.config import default_section as parallel_section
@@ -137,17 +138,17 @@ class Experiment:
   def validate(self) -> None:
     m, dcfg, t = self.model, self.data, self.train
     tasks.check_task(dcfg.task, m)
-    if m.family != 'vit' and dcfg.seq_len > m.max_length:
+    fam = m.family_spec
+    if fam.token_inputs and dcfg.seq_len > m.max_length:
       fail('data.seq_len', dcfg.seq_len,
            f'exceeds the model limit model.max_length={m.max_length}')
     if dcfg.target_len is not None and dcfg.target_len > m.max_length:
       fail('data.target_len', dcfg.target_len,
            f'exceeds the model limit model.max_length={m.max_length}')
-    if m.family == 'rnn_seq2seq' and dcfg.resolved_packing != 'none':
+    if fam.packing is not None and dcfg.resolved_packing != 'none':
       fail('data.packing', dcfg.packing,
-           "must be 'none' for the RNN encoder-decoder (model.family='rnn_seq2seq'): it carries "
-           'its state along a whole row, so packed examples would leak into each other')
-    if dcfg.resolved_packing != 'none' and m.family not in ('rnn_seq2seq', 'vit'):
+           f"must be 'none' for model.family={m.family!r}: {fam.packing}")
+    if dcfg.resolved_packing != 'none' and fam.token_inputs and fam.packing is None:
       from jaxformer.attention import registry  # pylint: disable=import-outside-toplevel
       a = m.attention
       if 'segments' not in registry.lookup(a.kind, a.impl).features:
@@ -156,7 +157,7 @@ class Experiment:
              'examples apart (it does not support segment ids), so packed rows would leak into '
              "each other; set data.packing='none'")
     check_context(self.parallel, m.attention.impl,
-                  dcfg.seq_len if m.family in ('decoder', 'encoder') else None)
+                  dcfg.seq_len if fam.context_parallel else None)
     stages = self.parallel.axis_size('stage')
     if stages > 0:  # -1 ('the rest') is checked once the mesh is known (TrainProgram)
       self.check_pipeline(stages)
@@ -168,13 +169,13 @@ class Experiment:
   def check_pipeline(self, stages: int) -> None:
     """Refuses what pipeline parallelism over `stages` stages cannot run (pipeline.py)."""
     m, par = self.model, self.parallel
-    num_layers = {'model.num_layers': m.num_layers}
-    if m.family == 'encoder_decoder':
-      num_layers['model.num_decoder_layers'] = m.decoder_layers
+    # An unset num_decoder_layers means num_layers (ModelConfig.decoder_layers).
+    depth = {'num_layers': m.num_layers, 'num_decoder_layers': m.decoder_layers}
+    num_layers = {f'model.{f}': depth[f] for f in m.family_spec.depth_fields}
     pipeline_lib.check_config(
         stages=stages, repeats=par.pipeline.repeats, microbatches=self.optim.grad_accum_steps,
-        num_layers=num_layers, period=m.moe.every if m.moe.num_experts else 1, family=m.family,
-        reversible=m.reversible, scan_layers=m.scan_layers)
+        num_layers=num_layers, period=layer_period(m), family=m.family,
+        own_layers=m.family_spec.own_layers, reversible=m.reversible, scan_layers=m.scan_layers)
     if stages > 1:
       for axis, why in (('context', 'ring attention and gathered K/V'),
                         ('expert', 'the expert all-to-all')):

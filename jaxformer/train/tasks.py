@@ -21,20 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer.config import ModelConfig, check_choice
+from jaxformer.models import registry
 from jaxformer.train.losses import cross_entropy
 
 TASKS = ('lm', 'mlm', 'seq2seq', 'span_corruption', 'denoise', 'classification')
-SEQ2SEQ = ('seq2seq', 'span_corruption', 'denoise')
-FAMILY_TASKS = {
-    'decoder': ('lm',),
-    'encoder': ('mlm', 'classification'),
-    'encoder_decoder': SEQ2SEQ,
-    'rnn_seq2seq': SEQ2SEQ,
-    'vit': ('classification',),
-    'transformer_xl': ('lm',),
-    'perceiver': ('classification',),
-    'mamba': ('lm',),
-}
+SEQ2SEQ = registry.SEQ2SEQ_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +36,7 @@ class LossConfig:
 
 def check_task(task: str, model: ModelConfig) -> None:
   check_choice('data.task', task, TASKS)
-  allowed = FAMILY_TASKS[model.family]
+  allowed = model.family_spec.tasks
   if task not in allowed:
     raise ValueError(f'data.task={task!r} does not fit model.family={model.family!r}: '
                      f'allowed tasks are {list(allowed)}')

@@ -378,7 +378,7 @@ class Trainer:
 
   def flops_per_token(self) -> float | None:
     m = self.exp.model
-    if m.family == 'rnn_seq2seq':
+    if not m.family_spec.transformer_flops:
       return None
     non_embed = self.num_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return metrics_lib.model_flops_per_token(non_embed, m.num_layers, m.d_model,

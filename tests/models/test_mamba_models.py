@@ -114,7 +114,7 @@ def test_hybrid_stack_trains():
 
 
 @pytest.mark.parametrize('over, field', [
-    (dict(reversible=True), 'model.reversible'),
+    (dict(reversible=True), 'model.family'),
     (dict(moe=dict(num_experts=4)), 'model.moe.num_experts'),
     (dict(position=dict(kind='rope')), 'model.position.kind'),
     (dict(attention=dict(kind='linear')), 'model.attention.kind'),

@@ -1,0 +1,120 @@
+"""Model families by name: `model.family` -> the module that builds it and what it can do.
+
+A family is one file under `models/` plus one `register(Family(...))` line below. Everything
+the rest of the code asks about a family is a field here, so no caller branches on its name:
+
+  * `model`: 'module:Class', imported when the family is built (`build_model`). The class
+    takes `(cfg: ModelConfig, *, rngs)`.
+  * `tasks`: the objectives of `train/tasks.py` it can be trained on (the first is its own).
+  * `causal`: whether its (decoder) self-attention is causal (`ModelConfig.is_causal`).
+  * `generation`: how `jaxformer.inference` starts decoding it: 'decoder' (a prompt fills a
+    KV cache), 'seq2seq' (an encoder pass, then the decoder from a start token), 'rnn' (the
+    same with an RNN state), or None (it does not generate).
+  * `own_layers`: None if its layers are the shared stack (`models/stack.py`: scanned, remat,
+    pipelined, any attention kind); else the reason it runs its own, which refuses
+    `scan_layers`, `remat`, attention kinds and pipeline parallelism at config time.
+  * `single_stack`: one stack of self-attention blocks (reversible layers need that).
+  * `mixer`: the token mixer of its shared-stack layers: 'attention', or 'mamba' (selective
+    state-space layers, with attention in every `mamba.attention_every`-th layer:
+    `models/block.py` `layer_mixer`).
+  * `context_parallel`: its attention runs over a sequence that context parallelism can split.
+  * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
+    refused.
+  * `token_inputs`: its input is a token sequence bounded by `model.max_length`.
+  * `depth_fields`: the ModelConfig fields that set the depth of each pipelined stack.
+  * `transformer_flops`: the 6N + attention FLOPs-per-token estimate applies (MFU metrics).
+  * `check`: optional 'module:function' run by `ModelConfig.validate` for the family's own
+    fields (it raises ConfigError naming the field).
+
+This module imports nothing heavy, so `jaxformer.config` can ask it for the family names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  model: str
+  tasks: tuple[str, ...]
+  causal: bool = False
+  generation: str | None = None
+  own_layers: str | None = None
+  single_stack: bool = False
+  mixer: str = 'attention'
+  context_parallel: bool = False
+  packing: str | None = None
+  token_inputs: bool = True
+  depth_fields: tuple[str, ...] = ('num_layers',)
+  transformer_flops: bool = True
+  check: str | None = None
+
+  def build(self, cfg, *, rngs):
+    return _resolve(self.model)(cfg, rngs=rngs)
+
+  def validate(self, cfg) -> None:
+    if self.check is not None:
+      _resolve(self.check)(cfg)
+
+
+_REGISTRY: dict[str, Family] = {}
+GENERATION = ('decoder', 'seq2seq', 'rnn')
+
+
+def register(family: Family) -> Family:
+  if family.name in _REGISTRY and _REGISTRY[family.name] != family:
+    raise ValueError(f'model family {family.name!r} registered twice')
+  if family.generation not in GENERATION + (None,):
+    raise ValueError(f'{family.name}: generation must be one of {GENERATION} or None')
+  _REGISTRY[family.name] = family
+  return family
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> Family:
+  if name not in _REGISTRY:
+    from jaxformer.config import ConfigError  # pylint: disable=import-outside-toplevel
+    raise ConfigError(f'model.family={name!r} is invalid: allowed values are {sorted(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+def _resolve(path: str) -> Any:
+  module, _, attr = path.partition(':')
+  return getattr(importlib.import_module(module), attr)
+
+
+SEQ2SEQ_TASKS = ('seq2seq', 'span_corruption', 'denoise')
+
+register(Family('decoder', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
+                generation='decoder', single_stack=True, context_parallel=True))
+register(Family('encoder', 'jaxformer.models.encoder:EncoderModel', ('mlm', 'classification'),
+                single_stack=True, context_parallel=True))
+register(Family('encoder_decoder', 'jaxformer.models.encoder_decoder:EncoderDecoder',
+                SEQ2SEQ_TASKS, causal=True, generation='seq2seq',
+                depth_fields=('num_layers', 'num_decoder_layers')))
+register(Family('vit', 'jaxformer.models.vit:ViT', ('classification',), single_stack=True,
+                token_inputs=False, check='jaxformer.models.vit:check_config'))
+register(Family(
+    'rnn_seq2seq', 'jaxformer.models.rnn_seq2seq:RNNSeq2Seq', SEQ2SEQ_TASKS, causal=True,
+    generation='rnn', transformer_flops=False,
+    own_layers='it has recurrent layers and computes its own attention (Bahdanau / Luong)',
+    packing='it carries its state along a whole row, so packed examples would leak into each '
+            'other'))
+register(Family(
+    'transformer_xl', 'jaxformer.models.transformer_xl:TransformerXL', ('lm',), causal=True,
+    own_layers='its segment-level recurrence carries memory from layer to layer across '
+               'segments, and it computes its own attention (relative terms (a)-(d))',
+    check='jaxformer.models.transformer_xl:check_config'))
+register(Family('perceiver', 'jaxformer.models.perceiver:Perceiver', ('classification',)))
+# Gu & Dao 2023: the decoder LM with selective state-space layers (and attention layers in a
+# hybrid); the attention FLOPs estimate does not apply.
+register(Family('mamba', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
+                generation='decoder', mixer='mamba', transformer_flops=False,
+                check='jaxformer.models.block:check_mamba_config'))
