@@ -102,6 +102,7 @@ PAPER_SIZES = [
     ('bart', 'base', dict(vocab_size=50265), 139_420_416 + 50265),
     ('vit', 'base', dict(image_size=224, patch_size=16, num_labels=1000, max_length=197),
      86_567_656),  # ViT-B/16
+    ('mamba', '130m', dict(vocab_size=50280), 129_135_360),  # state-spaces/mamba-130m-hf
 ]
 
 
