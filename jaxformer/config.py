@@ -198,6 +198,45 @@ class PerceiverConfig:
   fourier_bands: int = 16
 
 
+MAMBA_SCANS = ('associative', 'sequential')
+MAMBA_DT_INITS = ('random', 'constant')
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """Selective state-space layers (Gu & Dao 2023; `jaxformer.layers.mamba`), used by the 'mamba'
+  family preset and its hybrids.
+
+  Each Mamba layer has an inner width I = `expand` * d_model, an SSM state of `d_state` (N) per
+  inner channel, a causal depthwise convolution of width `d_conv`, and a step size dt made from a
+  rank-`dt_rank` projection (None: ceil(d_model / 16), HF's 'auto'). dt's bias is initialised to
+  softplus^-1 of a log-uniform sample in [dt_min, dt_max] (at least dt_floor); dt_proj's weight
+  to a constant or a uniform (`dt_init`) of scale dt_scale * dt_rank^-0.5. `conv_bias` /
+  `use_bias`: biases of the convolution / of the in and out projections (HF use_conv_bias /
+  use_bias).
+
+  Stack: every layer is Mamba, except that with `attention_every` = k > 0 every k-th layer
+  (index % k == k - 1) is a Transformer layer (attention + FFN), a hybrid stack as in Jamba
+  (Lieber et al. 2024). `ffn`: Mamba layers also carry the FFN sublayer (Jamba), or not (Mamba).
+  `scan`: 'associative' (`jax.lax.associative_scan`, log-depth, for training) or 'sequential'
+  (`jax.lax.scan`, the recurrence itself: the oracle, and O(N I) memory per step).
+  """
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | None = None
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init: str = 'random'
+  dt_scale: float = 1.0
+  dt_floor: float = 1e-4
+  conv_bias: bool = True
+  use_bias: bool = False
+  attention_every: int = 0
+  ffn: bool = False
+  scan: str = 'associative'
+
+
 @dataclasses.dataclass(frozen=True)
 class FunnelConfig:
   """Funnel-Transformer (Dai et al. 2020; `jaxformer.models.funnel`): the encoder is
@@ -257,6 +296,7 @@ class ModelConfig:
   funnel: FunnelConfig = FunnelConfig()
   conformer: ConformerConfig = ConformerConfig()
   swin: SwinConfig = SwinConfig()
+  mamba: MambaConfig = MambaConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -323,6 +363,14 @@ class ModelConfig:
     if self.ffn.gated:
       return -(-int(8 * self.d_model / 3) // 8) * 8
     return 4 * self.d_model
+
+  @property
+  def mamba_inner_dim(self) -> int:
+    return self.mamba.expand * self.d_model
+
+  @property
+  def mamba_dt_rank(self) -> int:
+    return self.mamba.dt_rank or -(-self.d_model // 16)
 
   @property
   def decoder_layers(self) -> int:
@@ -458,6 +506,7 @@ class ModelConfig:
     if self.d_model % pc.cross_heads:
       fail('model.perceiver.cross_heads', pc.cross_heads,
            f'must divide model.d_model={self.d_model}')
+    self._validate_mamba()
     if self.ffn.chunk_size is not None and self.ffn.chunk_size <= 0:
       fail('model.ffn.chunk_size', self.ffn.chunk_size, 'must be a positive integer or None')
     if self.reversible:
@@ -467,6 +516,23 @@ class ModelConfig:
       fail('model.type_vocab_size', self.type_vocab_size, 'must be >= 0')
     if not 0 <= self.pad_id < self.vocab_size:
       fail('model.pad_id', self.pad_id, f'must be a token id in [0, {self.vocab_size})')
+
+  def _validate_mamba(self) -> None:
+    m = self.mamba
+    check_choice('model.mamba.scan', m.scan, MAMBA_SCANS)
+    check_choice('model.mamba.dt_init', m.dt_init, MAMBA_DT_INITS)
+    for name in ('d_state', 'd_conv', 'expand'):
+      if getattr(m, name) <= 0:
+        fail(f'model.mamba.{name}', getattr(m, name), 'must be a positive integer')
+    if m.dt_rank is not None and m.dt_rank <= 0:
+      fail('model.mamba.dt_rank', m.dt_rank, 'must be a positive integer or None (ceil(D / 16))')
+    if not 0.0 < m.dt_min <= m.dt_max:
+      fail('model.mamba.dt_min', m.dt_min, f'must be in (0, model.mamba.dt_max={m.dt_max}]')
+    if m.dt_floor <= 0:
+      fail('model.mamba.dt_floor', m.dt_floor, 'must be > 0 (softplus^-1 of the step size)')
+    if m.attention_every < 0:
+      fail('model.mamba.attention_every', m.attention_every,
+           'must be >= 0 (0: every layer is Mamba; k: every k-th layer is attention)')
 
   def _validate_reversible(self) -> None:
     why = 'model.reversible=True needs '

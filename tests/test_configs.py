@@ -105,6 +105,7 @@ PAPER_SIZES = [
     ('swin', 'swin_t', dict(image_size=224, patch_size=4, num_labels=1000,
                             swin=dict(depths=(2, 2, 6, 2), window_size=7)),
      28_288_354),  # Swin-T (microsoft/swin-tiny-patch4-window7-224)
+    ('mamba', '130m', dict(vocab_size=50280), 129_135_360),  # state-spaces/mamba-130m-hf
 ]
 
 

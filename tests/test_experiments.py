@@ -165,3 +165,23 @@ def test_cpu_step_vs_peers_reference_models_equal_jaxformer_on_random_weights():
     logits = peers.torch_model(exp, weights)(
         input_ids=torch.from_numpy(batch['inputs']).long(), use_cache=False).logits
   np.testing.assert_allclose(logits.numpy(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # four compiled gradients and two layer inits: about a minute on a busy CPU
+def test_mamba_scaling_writes_csv_plot_and_mamba_memory_grows_linearly(tmp_path):
+  import mamba_scaling  # noqa: E402  (experiments/mamba_scaling.py)
+  out = str(tmp_path / 'ms.csv')
+  rows = mamba_scaling.main(['--lengths', '32,64', '--d-model', '8', '--heads', '2',
+                             '--d-state', '2', '--repeats', '1', '--out', out])
+  with open(out) as f:
+    assert [(r['layer'], r['length']) for r in csv.DictReader(f)] == [
+        (name, n) for name in ('dense_attention', 'mamba') for n in ('32', '64')]
+  by = {(r['layer'], r['length']): r for r in rows}
+  assert all(r['status'] == 'ok' for r in rows)
+  # XLA's static buffer assignment (deterministic): the dense n x n scores grow quadratically,
+  # Mamba's [B, n, I, N] scan tensors linearly.
+  assert by[('dense_attention', 64)]['growth_memory'] > 1.5
+  assert by[('mamba', 64)]['growth_memory'] < 1.2
+  assert by[('mamba', 64)]['memory_ratio_vs_dense'] == pytest.approx(
+      by[('mamba', 64)]['peak_bytes'] / by[('dense_attention', 64)]['peak_bytes'])
+  assert os.path.getsize(out[:-4] + '.png') > 1000

@@ -9,15 +9,15 @@
 
 Families (HF `model_type` -> jaxformer family preset): gpt2 -> gpt2, llama -> llama,
 mistral -> mistral, mixtral -> mixtral, bert -> bert, roberta -> roberta, t5 -> t5 / t5_v1_1,
-bart -> bart, vit -> vit, funnel -> funnel, swin -> swin. The HF config becomes
+bart -> bart, vit -> vit, funnel -> funnel, swin -> swin, mamba -> mamba. The HF config becomes
 `family(name, **overrides)` (sizes, heads, kv heads, head dim, eps, RoPE theta and linear
 scaling, vocabulary, positions, tying, sliding window, experts, dropout rates); an HF setting
 jaxformer cannot express raises `ConfigError` naming the HF field (`hf.<field>`). Weights go
-through the per-family `Rule` tables of `hf_decoders`, `hf_encoders`, `hf_seq2seq`, `hf_funnel`
-and `hf_swin`; every jaxformer parameter must be filled and every HF tensor consumed (apart from
-known buffers and tied duplicates), otherwise a ValueError lists the keys. Tensors are read as
-numpy (never unpickled: no torch.load) and cast to `model.param_dtype` (float32 unless
-overridden).
+through the per-family `Rule` tables of `hf_decoders`, `hf_encoders`, `hf_seq2seq`, `hf_funnel`,
+`hf_swin` and `hf_mamba`; every jaxformer parameter must be filled and every HF tensor consumed
+(apart from known buffers and tied duplicates), otherwise a ValueError lists the keys. Tensors
+are read as numpy (never unpickled: no torch.load) and cast to `model.param_dtype` (float32
+unless overridden).
 
 Inputs: jaxformer images are NHWC (HF pixel_values are NCHW); padding is segment id 0.
 """
@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.interop import (hf_decoders, hf_encoders, hf_funnel, hf_rules, hf_seq2seq,
-                               hf_swin)
+from jaxformer.interop import (hf_decoders, hf_encoders, hf_funnel, hf_mamba, hf_rules,
+                               hf_seq2seq, hf_swin)
 from jaxformer.models import build_model, family
 
 
@@ -73,6 +73,7 @@ _FAMILIES: dict[str, _Family] = {
     't5': _Family(hf_seq2seq.t5_config, hf_seq2seq.t5_rules, '', hf_seq2seq.T5_IGNORE),
     'bart': _Family(hf_seq2seq.bart_config, hf_seq2seq.bart_rules, 'model.'),
     'funnel': _Family(hf_funnel.funnel_config, hf_funnel.funnel_rules, hf_funnel.PREFIX),
+    'mamba': _Family(hf_mamba.mamba_config, hf_mamba.mamba_rules, 'backbone.'),
 }
 _HEAD_KEYS = re.compile(r'^(lm_head\.|cls\.|classifier\.|final_logits_bias$)')
 
@@ -280,10 +281,13 @@ def _set(model, path: str, x: np.ndarray, dtype, layout=None) -> int:
 # =========================================================================== export
 def hf_model_type(cfg: ModelConfig) -> str:
   """The HF model_type a decoder config exports to (learned positions: GPT-2; RoPE: LLaMA,
-  Mistral with a window, Mixtral with experts)."""
+  Mistral with a window, Mixtral with experts; the 'mamba' family: Mamba)."""
+  if cfg.family == 'mamba':
+    return 'mamba'
   if cfg.family != 'decoder':
     raise ConfigError(f'model.family={cfg.family!r} cannot be exported: to_hf_state_dict '
-                      "supports the 'decoder' family (GPT-2, LLaMA, Mistral, Mixtral)")
+                      "supports the 'decoder' family (GPT-2, LLaMA, Mistral, Mixtral) and "
+                      "'mamba'")
   kind = cfg.position.kind
   if kind == 'learned':
     return 'gpt2'
@@ -296,10 +300,13 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def to_hf_config(cfg: ModelConfig):
-  """The transformers config (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig) of a
-  decoder; raises ConfigError naming the first field HF cannot express."""
-  if hf_model_type(cfg) == 'gpt2':
+  """The transformers config (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig,
+  MambaConfig) of a decoder; raises ConfigError naming the first field HF cannot express."""
+  kind = hf_model_type(cfg)
+  if kind == 'gpt2':
     return hf_decoders.gpt2_hf_config(cfg)
+  if kind == 'mamba':
+    return hf_mamba.mamba_hf_config(cfg)
   return hf_decoders.llama_hf_config(cfg)
 
 

@@ -1,4 +1,4 @@
-"""The Transformer layer every family is built from (CATALOG D2, D3).
+"""The Transformer layer every family is built from (CATALOG D2, D3), and the Mamba layer (D10).
 
 Residual structure by `model.norm_position` (Vaswani et al. 2017; Xiong et al. 2020; Ding et al.
 2021 for sandwich):
@@ -7,6 +7,11 @@ Residual structure by `model.norm_position` (Vaswani et al. 2017; Xiong et al. 2
   sandwich: h = x + drop(norm_out(attn(norm(x))))
 and the same for the optional cross-attention and the feed-forward (dense or MoE). `drop` is
 residual dropout followed by stochastic depth (DropPath).
+
+A Mamba layer (`MambaBlock`, Gu & Dao 2023) has the same wiring around the selective SSM
+(`jaxformer.layers.mamba`) in place of attention, and an FFN sublayer only with `mamba.ffn`
+(Jamba); `layer_mixer` says which layers of the 'mamba' family are which. Every block has one
+call signature and returns (y, new cache, aux), so the shared stack runs either.
 """
 
 from __future__ import annotations
@@ -17,15 +22,44 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.attention import Attention, AttentionMask
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, fail
 from jaxformer.layers.dropout import DropPath
 from jaxformer.layers.ffn import FeedForward
+from jaxformer.layers.mamba import Mamba
 from jaxformer.layers.moe import MoE
 from jaxformer.layers.norms import make_norm
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
 ACT = R.RESIDUAL
+
+
+def layer_mixer(cfg: ModelConfig, layer: int) -> str:
+  """'attention' or 'mamba': the token mixer of layer `layer` (0-based) of a stack. A family
+  whose registry `mixer` is 'mamba' is Mamba throughout, except every
+  `mamba.attention_every`-th layer (hybrid stacks)."""
+  if cfg.family_spec.mixer != 'mamba':
+    return 'attention'
+  k = cfg.mamba.attention_every
+  return 'attention' if k and layer % k == k - 1 else 'mamba'
+
+
+def check_mamba_config(cfg: ModelConfig) -> None:
+  """What a Mamba stack cannot do, refused at config time (the registry's `check`)."""
+  m = cfg.mamba
+  if cfg.moe.num_experts and not m.ffn:
+    fail('model.moe.num_experts', cfg.moe.num_experts,
+         f"must be 0 for model.family={cfg.family!r} unless model.mamba.ffn=True: MoE replaces "
+         'an FFN, and Mamba layers have none without it')
+  if not m.attention_every:
+    why = (f' for model.family={cfg.family!r} with model.mamba.attention_every=0, which has no '
+           'attention layers')
+    if cfg.position.kind not in ('none', 'learned', 'sinusoidal'):
+      fail('model.position.kind', cfg.position.kind,
+           f"must be 'none', 'learned' or 'sinusoidal'{why} to apply it")
+    if cfg.attention.kind != 'dot_product' or cfg.attention.impl not in ('xla', 'auto'):
+      fail('model.attention.kind', cfg.attention.kind,
+           f"must be 'dot_product' with impl 'xla' or 'auto'{why} to use it")
 
 
 class SubLayer(nnx.Module):
@@ -94,17 +128,60 @@ class TransformerBlock(nnx.Module):
 
       x = constrain(self.cross_sub(x, cross_fn, deterministic=deterministic), ACT)
 
-    aux = {}
+    x, aux = ffn_sublayer(self, x, mask, token_ids, deterministic)
+    return x, new_cache, aux
 
-    def ffn_fn(h):
-      if self.is_moe:
-        valid = None if mask.q_segment_ids is None else mask.q_segment_ids != 0
-        y, moe_aux = self.ffn(h, token_ids=token_ids, mask=valid, deterministic=deterministic)
-        aux.update(moe_aux)
-        return y
-      return self.ffn(h, deterministic=deterministic)
 
-    x = constrain(self.ffn_sub(x, ffn_fn, deterministic=deterministic), ACT)
+def ffn_sublayer(block, x, mask: AttentionMask, token_ids, deterministic: bool):
+  """x + the block's FFN (dense or MoE) sublayer -> (x, aux losses)."""
+  aux = {}
+
+  def ffn_fn(h):
+    if block.is_moe:
+      valid = None if mask.q_segment_ids is None else mask.q_segment_ids != 0
+      y, moe_aux = block.ffn(h, token_ids=token_ids, mask=valid, deterministic=deterministic)
+      aux.update(moe_aux)
+      return y
+    return block.ffn(h, deterministic=deterministic)
+
+  return constrain(block.ffn_sub(x, ffn_fn, deterministic=deterministic), ACT), aux
+
+
+class MambaBlock(nnx.Module):
+  """h = x + drop(mamba(norm(x))) (HF `MambaBlock` with pre-norm), then the FFN sublayer (dense
+  or MoE) when `mamba.ffn`. Its cache is {'mamba': the layer's conv and SSM state}."""
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.mixer = Mamba(cfg, rngs=rngs)
+    self.mixer_sub = SubLayer(cfg, rngs=rngs)
+    self.is_moe = moe
+    if cfg.mamba.ffn:
+      self.ffn = MoE(cfg, causal=True, rngs=rngs) if moe else FeedForward(cfg, rngs=rngs)
+      self.ffn_sub = SubLayer(cfg, rngs=rngs)
+    else:
+      self.ffn = self.ffn_sub = None
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    del max_len  # the state does not grow with the sequence
+    return {'mamba': self.mixer.init_cache(batch, dtype)}
+
+  def __call__(self, x, mask: AttentionMask, *, bias=None, enc=None, enc_mask=None,
+               cache=None, token_ids=None, deterministic: bool = True):
+    """x [B, T, D] -> (y [B, T, D], new_cache, aux); `bias` / `enc` do not apply."""
+    del bias, enc, enc_mask
+    new_cache = {} if cache is not None else None
+
+    def mix(h):
+      y, c = self.mixer(h, mask.q_segment_ids, cache=None if cache is None else cache['mamba'])
+      if new_cache is not None:
+        new_cache['mamba'] = c
+      return checkpoint_name(y, 'attention_out')
+
+    x = constrain(self.mixer_sub(x, mix, deterministic=deterministic), ACT)
+    if self.ffn is None:
+      return x, new_cache, {}
+    x, aux = ffn_sublayer(self, x, mask, token_ids, deterministic)
     return x, new_cache, aux
 
 

@@ -95,6 +95,12 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         attention=dict(kind='lsh'), position=dict(kind='learned'),
         ffn=dict(activation='gelu', bias=True, chunk_size=64), reversible=True,
         tie_embeddings=True),
+    # Gu & Dao 2023: Mamba layers (selective SSM, no attention, no FFN), pre-RMSNorm, no
+    # positions, tied head (HF MambaForCausalLM). `mamba=dict(attention_every=k, ffn=True)`
+    # makes a hybrid with attention + FFN in every k-th layer and FFNs in the others (Jamba).
+    'mamba': dict(
+        family='mamba', norm='rmsnorm', norm_eps=1e-5, norm_bias=False, norm_position='pre',
+        position=dict(kind='none'), tie_embeddings=True),
     # Dai et al. 2019: segment recurrence with relative positions (own attention), pre-LN here.
     'transformer_xl': dict(
         family='transformer_xl', norm='layernorm', norm_position='pre',

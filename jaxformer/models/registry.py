@@ -21,6 +21,9 @@ the rest of the code asks about a family is a field here, so no caller branches 
     (jaxformer.attention), so `model.attention.kind` / `impl` are not refused wholesale: its
     `check` says which it takes.
   * `single_stack`: one stack of self-attention blocks (reversible layers need that).
+  * `mixer`: the token mixer of its shared-stack layers: 'attention', or 'mamba' (selective
+    state-space layers, with attention in every `mamba.attention_every`-th layer:
+    `models/block.py` `layer_mixer`).
   * `context_parallel`: its attention runs over a sequence that context parallelism can split.
   * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
     refused.
@@ -51,6 +54,7 @@ class Family:
   block: str = 'jaxformer.models.block:TransformerBlock'
   shared_attention: bool = False
   single_stack: bool = False
+  mixer: str = 'attention'
   context_parallel: bool = False
   packing: str | None = None
   token_inputs: bool = True
@@ -138,3 +142,8 @@ register(Family(
     transformer_flops=False, shared_attention=True, check='jaxformer.models.swin:check_config',
     own_layers='its stages change width and resolution (patch merging) and alternate plain and '
                'shifted windows, so its blocks are not one scanned stack'))
+# Gu & Dao 2023: the decoder LM with selective state-space layers (and attention layers in a
+# hybrid); the attention FLOPs estimate does not apply.
+register(Family('mamba', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
+                generation='decoder', mixer='mamba', transformer_flops=False,
+                check='jaxformer.models.block:check_mamba_config'))

@@ -5,8 +5,10 @@ forward pass runs them with `nnx.scan`: compile time does not grow with depth. W
 `model.scan_layers=False` the same stacked parameters are run by a Python loop (useful for
 debugging and for the scan == unrolled property), so checkpoints do not depend on the choice.
 
-When MoE replaces the FFN in every `moe.every`-th layer, the scanned unit is a group of `every`
-layers (the last of which is MoE), so the scanned body stays homogeneous.
+When MoE replaces the FFN in every `moe.every`-th layer, or a hybrid Mamba stack has attention in
+every `mamba.attention_every`-th layer, the scanned unit is a group of layers (the least common
+multiple of the two periods) in which each block is what its layer index says, so the scanned
+body stays homogeneous.
 
 How the layers are run is a strategy (`LayerLoop`, chosen by `layer_loop(cfg, cache)` from the
 registry `LAYER_LOOPS`): every strategy runs one body `(x, layer, cache, side) -> (x, cache,
@@ -27,6 +29,8 @@ block (ring attention) gets the `RelativeBias` function instead of the dense arr
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,7 +40,7 @@ from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.base import tag_params
 from jaxformer.models import reversible
-from jaxformer.models.block import zero_aux
+from jaxformer.models.block import MambaBlock, layer_mixer, zero_aux
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import active_layout, constrain, names_of
@@ -50,21 +54,32 @@ REMAT_POLICIES = {
 
 
 def layer_period(cfg: ModelConfig) -> int:
-  return cfg.moe.every if cfg.moe.num_experts else 1
+  """Layers per scanned group: the period of the MoE layers and of a hybrid's attention layers."""
+  moe = cfg.moe.every if cfg.moe.num_experts else 1
+  attention = cfg.mamba.attention_every if cfg.family_spec.mixer == 'mamba' else 0
+  return math.lcm(moe, attention or 1)
+
+
+def _block(cfg: ModelConfig, i: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+  """Layer i of a group (and of every group: the period divides both patterns)."""
+  m = cfg.moe
+  moe = bool(m.num_experts) and i % m.every == m.every - 1
+  if layer_mixer(cfg, i) == 'mamba':
+    return MambaBlock(cfg, moe=moe, rngs=rngs)
+  block = cfg.family_spec.block_class()  # TransformerBlock unless the family has its own
+  return block(cfg, causal=causal, cross=cross, moe=moe, rngs=rngs)
 
 
 class LayerGroup(nnx.Module):
-  """`period` consecutive layers; the last one is MoE when MoE is enabled."""
+  """`period` consecutive layers; MoE and Mamba layers where their patterns put them."""
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     p = layer_period(cfg)
     # Block i of the group in slice s of the 'layers' axis is layer s * p + i; the metadata
     # tells the optimizer so (layer-wise LR decay), whatever the path or the slicing.
-    block = cfg.family_spec.block_class()  # TransformerBlock unless the family has its own
     self.blocks = nnx.List([
-        tag_params(block(cfg, causal=causal, cross=cross,
-                         moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs),
-                   layer=i, layers_per_slice=p)
+        tag_params(_block(cfg, i, causal=causal, cross=cross, rngs=rngs), layer=i,
+                   layers_per_slice=p)
         for i in range(p)])
 
   def __call__(self, x, mask, cache, *, bias, enc, enc_mask, token_ids, deterministic):
@@ -96,7 +111,12 @@ class Stack(nnx.Module):
                rngs: nnx.Rngs):
     p = layer_period(cfg)
     if num_layers % p:
-      raise ConfigError(f'model.moe.every={p} is invalid: it must divide the number of layers '
+      if cfg.moe.num_experts and num_layers % cfg.moe.every:
+        field, value = 'model.moe.every', cfg.moe.every
+      else:
+        field, value = 'model.mamba.attention_every', cfg.mamba.attention_every
+      raise ConfigError(f'{field}={value} is invalid: the scanned layer group ({p} layers, '
+                        f'the MoE and attention periods) must divide the number of layers '
                         f'({num_layers})')
     self.cfg = cfg
     self.causal = causal
@@ -138,8 +158,9 @@ class Stack(nnx.Module):
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Every layer's decoding cache (the self-attention KV cache under 'self', and whatever
-    else the block keeps), stacked on a leading group axis."""
+    """Every layer's decoding cache (a self-attention KV cache under 'self' and whatever else
+    the block keeps, such as the Conformer's convolution window; a Mamba state), stacked on a
+    leading group axis."""
     dtype = dtype or self.cfg.compute_dtype
     group = self._first_group()
     one = [b.init_cache(batch, max_len, dtype) for b in group.blocks]
@@ -165,10 +186,12 @@ class Stack(nnx.Module):
     """x [B, T, D] -> (y, new_cache, aux); aux sums MoE losses over layers."""
     t = x.shape[1]
     q_pos = mask.q_positions if mask.q_positions is not None else jnp.arange(t)[None]
-    if cache is not None and 'positions' in cache[0]['self']:
+    kv_cache = None if cache is None else next(
+        (c['self'] for c in cache if 'positions' in c.get('self', {})), None)
+    if kv_cache is not None:
       # Key positions of the cache slots for a stack-level bias (a stateful core's cache
-      # has none: such kinds take no bias).
-      c0 = jax.tree.map(lambda a: a[0], cache[0]['self'])
+      # has none: such kinds take no bias; nor does a Mamba layer's).
+      c0 = jax.tree.map(lambda a: a[0], kv_cache)
       kv_pos = jax.lax.dynamic_update_slice(
           c0['positions'], jnp.broadcast_to(q_pos, (c0['positions'].shape[0], t)).astype(
               c0['positions'].dtype), (0, c0['index']))

@@ -161,7 +161,8 @@ def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: di
   """Config-time refusals for pipeline parallelism (S = parallel.mesh.stage > 1).
 
   `num_layers` maps the config field that sets each pipelined stack's depth to its value;
-  `period` is the number of layers in a scanned group (model.moe.every with MoE, else 1).
+  `period` is the number of layers in a scanned group (`models.stack.layer_period`: the MoE
+  and hybrid-attention periods).
   `own_layers` is the family's reason for not running the shared stack, if it does not
   (`models/registry.py`).
   """
@@ -188,7 +189,7 @@ def check_config(*, stages: int, repeats: int, microbatches: int, num_layers: di
          'layer stack, cut into stages')
   for field, layers in num_layers.items():
     if (layers // period) % (stages * repeats):
-      groups = f' / model.moe.every={period} layer groups' if period > 1 else ' layers'
+      groups = f' groups of {period} layers' if period > 1 else ' layers'
       fail(field, layers, f'({layers // period}{groups}) must be divisible by '
            f'parallel.mesh.stage={stages} x parallel.pipeline.repeats={repeats}, so that every '
            'stage holds as many layers')

@@ -27,6 +27,7 @@ from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
+from jaxformer.models.stack import layer_period
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
 from jaxformer.parallel.config import default_section as parallel_section
@@ -173,7 +174,7 @@ class Experiment:
     num_layers = {f'model.{f}': depth[f] for f in m.family_spec.depth_fields}
     pipeline_lib.check_config(
         stages=stages, repeats=par.pipeline.repeats, microbatches=self.optim.grad_accum_steps,
-        num_layers=num_layers, period=m.moe.every if m.moe.num_experts else 1, family=m.family,
+        num_layers=num_layers, period=layer_period(m), family=m.family,
         own_layers=m.family_spec.own_layers, reversible=m.reversible, scan_layers=m.scan_layers)
     if stages > 1:
       for axis, why in (('context', 'ring attention and gathered K/V'),

@@ -151,11 +151,15 @@ CASES = {
                          1, 2),
     'mixtral_pp2_dp4': ('mixtral', MIXTRAL, 'lm', lambda n: lm_batches(n, seed=3),
                         {'stage': 2, 'data': 4}, 1, 4),
+    # Groups of [Mamba, attention] layers; the Mamba inner width is split over 'tensor'.
+    'mamba_hybrid_pp2_tp2_dp2': ('mamba', dict(
+        MODEL, position=dict(kind='rope'), mamba=dict(d_state=4, attention_every=2, ffn=True)),
+        'lm', lm_batches, {'stage': 2, 'data': 2, 'tensor': 2}, 1, 2),
 }
 # The default suite keeps circular with tensor parallelism and MoE; the training steps below
 # cover pp2 x dp4 and pp4 x tp2 again.
 SLOW = ('pp2_dp4_gpipe_m1', 'pp2_dp4_gpipe_m4', 'pp4_tp2_gpipe_m2', 'pp4_dp2_circular_m4',
-        'bert_pp2_tp2_dp2', 't5_pp2_dp4')
+        'bert_pp2_tp2_dp2', 't5_pp2_dp4', 'mamba_hybrid_pp2_tp2_dp2')
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
