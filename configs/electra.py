@@ -31,6 +31,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, stdlib_bytes, warmup_adamw
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, ffn=64, embed=16, gen_d=16, positions=64, seq=64,
@@ -52,12 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention=dict(num_heads=s['heads'], dropout=s['dropout']),
       ffn=dict(hidden_dim=s['ffn']), embed_dropout=s['dropout'],
       residual_dropout=s['dropout'], electra=dict(generator_d_model=s['gen_d']))
-  data = dict(name='python_stdlib', task='rtd', tokenizer='byte', extra_ids=0, seq_len=s['seq'],
-              mlm_probability=0.15)
-  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.999, eps=1e-6, weight_decay=0.01,
-               schedule='warmup_linear', warmup_steps=max(1, s['steps'] // 20),
-               grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16)
+  data = stdlib_bytes('rtd', seq_len=s['seq'], mlm_probability=0.15)
+  optim = warmup_adamw(s['lr'], s['steps'], b2=0.999, eps=1e-6, weight_decay=0.01,
+                       schedule='warmup_linear')
+  train = cadence(s['batch'], s['steps'])
   return default_config(model=model, data=data, optim=optim, train=train)

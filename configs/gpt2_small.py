@@ -22,6 +22,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, lm_sample, stdlib_bytes, warmup_adamw
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, seq=64, batch=8, steps=2, dropout=0.0),
@@ -37,12 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention=dict(num_heads=s['heads'], dropout=s['dropout']), ffn=dict(hidden_dim=4 * s['d']),
       position=dict(max_length=s['seq']), embed_dropout=s['dropout'],
       residual_dropout=s['dropout'])
-  data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=s['seq'])
-  optim = dict(optimizer='adamw', lr=6e-4, b2=0.95, weight_decay=0.1, schedule='warmup_cosine',
-               warmup_steps=max(1, s['steps'] // 20), end_lr_ratio=0.1,
-               grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16,
-               sample_prompt='def ', sample_tokens=0 if opts['size'] == 'tiny' else 200)
+  data = stdlib_bytes('lm', seq_len=s['seq'])
+  optim = warmup_adamw(6e-4, s['steps'], b2=0.95, weight_decay=0.1, end_lr_ratio=0.1)
+  train = cadence(s['batch'], s['steps'], **lm_sample(opts['size']))
   return default_config(model=model, data=data, optim=optim, train=train)

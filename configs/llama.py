@@ -24,6 +24,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, lm_sample, stdlib_bytes, warmup_adamw, zero3_over_host
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, kv=1, ffn=64, seq=64, batch=8, steps=2, lr=3e-3),
@@ -44,13 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'llama', vocab_size=260, d_model=s['d'], num_layers=s['layers'], max_length=s['seq'],
       attention=dict(num_heads=s['heads'], num_kv_heads=s['kv']), ffn=dict(hidden_dim=s['ffn']),
       remat='dots_no_batch' if big else 'none', dtype='bfloat16' if big else 'float32')
-  data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=s['seq'])
-  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.95, eps=1e-5, weight_decay=0.1,
-               schedule='warmup_cosine', warmup_steps=max(1, s['steps'] // 20),
-               end_lr_ratio=0.1, grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16,
-               sample_prompt='def ', sample_tokens=0 if size == 'tiny' else 200)
-  parallel = dict(preset='fsdp', mesh={'fsdp': -1}) if size == '1b' else {}
+  data = stdlib_bytes('lm', seq_len=s['seq'])
+  optim = warmup_adamw(s['lr'], s['steps'], b2=0.95, eps=1e-5, weight_decay=0.1,
+                       end_lr_ratio=0.1)
+  train = cadence(s['batch'], s['steps'], **lm_sample(size))
+  parallel = zero3_over_host(size == '1b')
   return default_config(model=model, data=data, optim=optim, train=train, parallel=parallel)

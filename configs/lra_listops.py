@@ -44,6 +44,7 @@ from jaxformer.attention import registry
 from jaxformer.config import ConfigError, parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence
 
 SIZES = {
     'full': dict(d=512, layers=4, heads=8, mlp=1024, seq=2048, batch=32, steps=5000,
@@ -95,7 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               seq_len=s['seq'], builder_config=s['data'])
   optim = dict(optimizer='adamw', lr=s['lr'], b1=0.9, b2=0.98, eps=1e-9,
                weight_decay=0.1, schedule='inverse_sqrt', warmup_steps=s['warmup'])
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 20), eval_batches=2 if tiny else 20,
-               checkpoint_every=max(2, s['steps'] // 5), test_batches=2 if tiny else -1)
+  train = cadence(s['batch'], s['steps'], evals=20, checkpoints=5, eval_batches=2 if tiny else 20,
+                  test_batches=2 if tiny else -1)
   return default_config(model=model, data=data, optim=optim, train=train)

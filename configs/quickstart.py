@@ -16,6 +16,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import stdlib_bytes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention=dict(num_heads=2 if tiny else 4, num_kv_heads=1 if tiny else 2, qk_norm=True),
       scan_unroll=4,  # the whole scan unrolled: 1.2x faster steps on CPU (docs/benchmarks.md)
       ffn=dict(hidden_dim=64 if tiny else 384), tie_embeddings=True)
-  data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=seq_len)
+  data = stdlib_bytes('lm', seq_len=seq_len)
   optim = dict(optimizer='adamw', lr=3e-3, b2=0.99, weight_decay=0.1, schedule='warmup_cosine',
                warmup_steps=1 if tiny else 60, end_lr_ratio=0.1,
                grad_clip_norm=1.0)

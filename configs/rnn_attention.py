@@ -30,6 +30,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence
 
 OPTIONS = {'size': ('small', 'tiny'), 'cell': ('gru', 'lstm'),
            'attention': ('bahdanau', 'luong_dot', 'luong_general', 'luong_concat'),
@@ -50,7 +51,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   optim = dict(optimizer='adamw', lr=3e-3, b2=0.98, schedule='warmup_cosine',
                warmup_steps=1 if tiny else 100, end_lr_ratio=0.05,
                grad_clip_norm=1.0)
-  train = dict(batch_size=8 if tiny else 64, steps=steps, log_every=max(1, steps // 30),
-               eval_every=max(2, steps // 3), eval_batches=8,
-               checkpoint_every=max(2, steps // 3), test_batches=8)
+  train = cadence(8 if tiny else 64, steps, logs=30, evals=3, eval_batches=8, test_batches=8)
   return default_config(model=model, data=data, optim=optim, train=train)

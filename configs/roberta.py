@@ -21,6 +21,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, stdlib_bytes, warmup_adamw
 
 SIZES = {'tiny': dict(d=32, layers=2, heads=2, seq=64, batch=8, steps=2, lr=1e-3, dropout=0.0),
          'base': dict(d=768, layers=12, heads=12, seq=512, batch=128, steps=2000, lr=1e-4,
@@ -36,12 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention=dict(num_heads=s['heads'], dropout=s['dropout']),
       ffn=dict(hidden_dim=4 * s['d']), embed_dropout=s['dropout'],
       residual_dropout=s['dropout'])
-  data = dict(name='python_stdlib', task='mlm', tokenizer='byte', extra_ids=0, seq_len=s['seq'],
-              mlm_probability=0.15)
-  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.98, eps=1e-6, weight_decay=0.01,
-               schedule='warmup_linear', warmup_steps=max(1, s['steps'] // 20),
-               grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16)
+  data = stdlib_bytes('mlm', seq_len=s['seq'], mlm_probability=0.15)
+  optim = warmup_adamw(s['lr'], s['steps'], b2=0.98, eps=1e-6, weight_decay=0.01,
+                       schedule='warmup_linear')
+  train = cadence(s['batch'], s['steps'])
   return default_config(model=model, data=data, optim=optim, train=train)

@@ -25,6 +25,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, stdlib_bytes
 
 SIZES = {'tiny': dict(d=32, layers=2, heads=2, head_dim=16, ffn=64, seq=64, batch=8, steps=2),
          'small': dict(d=512, layers=8, heads=6, head_dim=64, ffn=1024, seq=512, batch=128,
@@ -38,11 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       't5_v1_1', vocab_size=360, d_model=s['d'], num_layers=s['layers'], max_length=s['seq'],
       attention=dict(num_heads=s['heads'], head_dim=s['head_dim']),
       ffn=dict(hidden_dim=s['ffn']))
-  data = dict(name='python_stdlib', task='span_corruption', tokenizer='byte', extra_ids=100,
-              seq_len=s['seq'], noise_density=0.15, mean_noise_span_length=3.0)
+  data = stdlib_bytes('span_corruption', seq_len=s['seq'], extra_ids=100, noise_density=0.15,
+                      mean_noise_span_length=3.0)
   optim = dict(optimizer='adafactor', lr=1e-2, schedule='inverse_sqrt',
                warmup_steps=max(1, s['steps'] // 10))
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16)
+  train = cadence(s['batch'], s['steps'])
   return default_config(model=model, data=data, optim=optim, train=train)

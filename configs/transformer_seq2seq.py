@@ -26,6 +26,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence
 
 SIZES = {'tiny': dict(d=32, layers=1, heads=2, ffn=64, batch=8, steps=2, warmup=1),
          'small': dict(d=64, layers=2, heads=4, ffn=256, batch=64, steps=1500, warmup=100),
@@ -53,8 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     optim = dict(optimizer='adamw', lr=1e-3, b2=0.98, schedule='warmup_cosine',
                  warmup_steps=s['warmup'], end_lr_ratio=0.05,
                  grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 30),
-               eval_every=max(2, s['steps'] // 3), eval_batches=8,
-               checkpoint_every=max(2, s['steps'] // 3), test_batches=8,
-               label_smoothing=0.1 * base)
+  train = cadence(s['batch'], s['steps'], logs=30, evals=3, eval_batches=8, test_batches=8,
+                  label_smoothing=0.1 * base)
   return default_config(model=model, data=data, optim=optim, train=train)

@@ -28,6 +28,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence, stdlib_bytes, warmup_adamw
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, ffn=64, seq=64, segment=16, memory=16, batch=8,
@@ -44,11 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'transformer_xl', vocab_size=260, d_model=s['d'], num_layers=s['layers'],
       max_length=s['seq'], attention=dict(num_heads=s['heads']), ffn=dict(hidden_dim=s['ffn']),
       segment_length=s['segment'], memory_length=s['memory'])
-  data = dict(name='python_stdlib', task='lm', tokenizer='byte', extra_ids=0, seq_len=s['seq'])
-  optim = dict(optimizer='adamw', lr=s['lr'], b2=0.95, weight_decay=0.1,
-               schedule='warmup_cosine', warmup_steps=max(1, s['steps'] // 20),
-               grad_clip_norm=0.25)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 100),
-               eval_every=max(2, s['steps'] // 10), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 10), test_batches=16, sample_tokens=0)
+  data = stdlib_bytes('lm', seq_len=s['seq'])
+  optim = warmup_adamw(s['lr'], s['steps'], b2=0.95, weight_decay=0.1, grad_clip_norm=0.25)
+  train = cadence(s['batch'], s['steps'], sample_tokens=0)
   return default_config(model=model, data=data, optim=optim, train=train)

@@ -30,6 +30,7 @@ import ml_collections
 from jaxformer.config import parse_config_arg
 from jaxformer.models import family_dict
 from jaxformer.train.experiment import default_config
+from jaxformer.train.recipes import cadence
 
 SIZES = {
     'tiny': dict(d=32, layers=2, heads=2, patch=8, batch=8, steps=2, lr=1e-3, drop_path=0.0),
@@ -51,7 +52,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = dict(name='synthetic_images', task='classification', seq_len=1)
   optim = dict(optimizer='adamw', lr=s['lr'], weight_decay=0.05, schedule='warmup_cosine',
                warmup_steps=max(1, s['steps'] // 20), grad_clip_norm=1.0)
-  train = dict(batch_size=s['batch'], steps=s['steps'], log_every=max(1, s['steps'] // 50),
-               eval_every=max(2, s['steps'] // 5), eval_batches=16,
-               checkpoint_every=max(2, s['steps'] // 5), test_batches=16, label_smoothing=0.1)
+  train = cadence(s['batch'], s['steps'], logs=50, evals=5, label_smoothing=0.1)
   return default_config(model=model, data=data, optim=optim, train=train)

@@ -217,6 +217,47 @@ class ElectraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FunnelConfig:
+  """Funnel-Transformer (Dai et al. 2020; `jaxformer.models.funnel`): the encoder is
+  `block_sizes` blocks of layers (their sum must equal model.num_layers), each layer of block b
+  applied `block_repeats[b]` times with shared weights (None: once); every block after the first
+  starts by mean-pooling the query stream with stride 2 (`pool_q_only`: keys and values of that
+  first attention stay unpooled; else they are pooled too). `separate_cls` keeps the first
+  ([CLS]) position out of the pooling, `truncate_seq` drops the last position before it (so the
+  pooled length stays even). `model.num_decoder_layers` decoder layers (0: the base model, no
+  decoder) run on the last block's output up-sampled to the input length plus the first
+  block's output."""
+  block_sizes: tuple[int, ...] = (4, 4, 4)
+  block_repeats: tuple[int, ...] | None = None
+  separate_cls: bool = True
+  truncate_seq: bool = True
+  pool_q_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformerConfig:
+  """The Conformer convolution module (Gulati et al. 2020; `jaxformer.models.conformer`):
+  `kernel_size` of the depthwise convolution, `norm` after it ('layernorm'; 'batchnorm' is
+  refused, see `conformer.check_config`), and `causal` (None: causal exactly when the family's
+  attention is)."""
+  kernel_size: int = 31
+  norm: str = 'layernorm'
+  causal: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinConfig:
+  """Swin Transformer (Liu et al. 2021; `jaxformer.models.swin`, checked there): stage s has
+  `depths[s]` blocks of width d_model * 2^s and `num_heads[s]` heads (None: model.attention.
+  num_heads * 2^s) attending within windows of `window_size`^2 patches, shifted by half a
+  window in every second block; its FFN width is `mlp_ratio` times the stage width."""
+  depths: tuple[int, ...] = (2, 2)
+  num_heads: tuple[int, ...] | None = None
+  window_size: int = 7
+  mlp_ratio: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
   family: str = 'decoder'
@@ -232,6 +273,9 @@ class ModelConfig:
   rnn: RNNConfig = RNNConfig()
   perceiver: PerceiverConfig = PerceiverConfig()
   electra: ElectraConfig = ElectraConfig()
+  funnel: FunnelConfig = FunnelConfig()
+  conformer: ConformerConfig = ConformerConfig()
+  swin: SwinConfig = SwinConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -261,7 +305,7 @@ class ModelConfig:
   rtd_head: bool = False
   pooler: bool = False
   num_labels: int = 0
-  # ViT
+  # ViT, Swin, Perceiver on pixels
   image_size: int = 32
   patch_size: int = 4
   num_channels: int = 3
@@ -428,9 +472,9 @@ class ModelConfig:
       why = (f'for model.family={self.family!r}, which runs its own layers instead of the '
              f'shared stack (models/stack.py): {fam.own_layers}')
       a = self.attention
-      if a.kind != 'dot_product':
+      if a.kind != 'dot_product' and not fam.shared_attention:
         fail('model.attention.kind', a.kind, f"must be 'dot_product' {why}")
-      if a.impl not in ('xla', 'auto'):
+      if a.impl not in ('xla', 'auto') and not fam.shared_attention:
         fail('model.attention.impl', a.impl, f"must be 'xla' (or 'auto') {why}")
       if self.scan_layers:
         fail('model.scan_layers', True, f'must be False {why}')
@@ -537,6 +581,10 @@ def _coerce(field: str, value: Any, hint) -> Any:
     return value
   if hint is str and isinstance(value, str):
     return value
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    if not isinstance(value, (list, tuple)):
+      fail(field, value, f'expected a sequence of {args[0].__name__}')
+    return tuple(_coerce(f'{field}[{i}]', v, args[0]) for i, v in enumerate(value))
   if origin is Mapping or hint is Mapping:
     if isinstance(value, Mapping):
       return FrozenDict(dict(value))

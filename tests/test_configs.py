@@ -102,6 +102,9 @@ PAPER_SIZES = [
     ('bart', 'base', dict(vocab_size=50265), 139_420_416 + 50265),
     ('vit', 'base', dict(image_size=224, patch_size=16, num_labels=1000, max_length=197),
      86_567_656),  # ViT-B/16
+    ('swin', 'swin_t', dict(image_size=224, patch_size=4, num_labels=1000,
+                            swin=dict(depths=(2, 2, 6, 2), window_size=7)),
+     28_288_354),  # Swin-T (microsoft/swin-tiny-patch4-window7-224)
 ]
 
 

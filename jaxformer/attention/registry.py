@@ -28,6 +28,22 @@ Optional parts of the protocol:
 `impl='auto'` is resolved when a layer is built (`resolve_impl`): the best fused impl of the
 kind on this backend that provides every needed feature, else the kind's 'xla' reference.
 
+Where each kind lives (attention/<file>; `tests/attention/test_attention_registry_files.py`
+checks this table against the registry):
+
+    kind                 impl -> file
+    dot_product          xla -> core.py, chunked -> chunked.py, pallas / cudnn -> flash.py,
+                         ring / context_allgather -> context.py
+    local, dilated, longformer, bigbird, sparse_transformer      xla -> sparse.py
+    linear               xla -> linear.py
+    performer            xla -> performer.py
+    linformer            xla -> linformer.py
+    nystrom              xla -> nystrom.py
+    lsh                  xla -> lsh.py
+    synthesizer          xla -> synthesizer.py
+    routing              xla -> routing.py
+    fnet                 xla -> fnet.py
+
 New kinds plug in with `@register('name')` (and optionally `impl=`) without touching model code,
 and the tests in tests/attention/test_generic.py pick them up automatically through `kinds()`.
 A core declares what it supports in `features`, a subset of FEATURES; asking for anything else

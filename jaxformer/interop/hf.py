@@ -9,15 +9,17 @@
 
 Families (HF `model_type` -> jaxformer family preset): gpt2 -> gpt2, llama -> llama,
 mistral -> mistral, mixtral -> mixtral, bert -> bert, roberta -> roberta, electra -> bert with
-`embed_dim` (the generator and the discriminator each an encoder), t5 -> t5 / t5_v1_1,
-bart -> bart, vit -> vit. The HF config becomes `family(name, **overrides)` (sizes, heads, kv
-heads, head dim, eps, RoPE theta and linear scaling, vocabulary, positions, tying, sliding window,
-experts, dropout rates); an HF setting jaxformer cannot express raises `ConfigError` naming the
-HF field (`hf.<field>`). Weights go through the per-family `Rule` tables of
-`hf_decoders`, `hf_encoders` and `hf_seq2seq`; every jaxformer parameter must be filled and every
-HF tensor consumed (apart from known buffers and tied duplicates), otherwise a ValueError lists
-the keys. Tensors are read as numpy (never unpickled: no torch.load) and cast to
-`model.param_dtype` (float32 unless overridden).
+`embed_dim` (the generator and the discriminator each an encoder; `electra_from_hf` imports a
+pair as one `electra` model), t5 -> t5 / t5_v1_1, bart -> bart, vit -> vit, funnel -> funnel,
+swin -> swin. The HF config becomes
+`family(name, **overrides)` (sizes, heads, kv heads, head dim, eps, RoPE theta and linear
+scaling, vocabulary, positions, tying, sliding window, experts, dropout rates); an HF setting
+jaxformer cannot express raises `ConfigError` naming the HF field (`hf.<field>`). Weights go
+through the per-family `Rule` tables of `hf_decoders`, `hf_encoders`, `hf_seq2seq`, `hf_funnel`
+and `hf_swin`; every jaxformer parameter must be filled and every HF tensor consumed (apart from
+known buffers and tied duplicates), otherwise a ValueError lists the keys. Tensors are read as
+numpy (never unpickled: no torch.load) and cast to `model.param_dtype` (float32 unless
+overridden).
 
 Inputs: jaxformer images are NHWC (HF pixel_values are NCHW); padding is segment id 0.
 """
@@ -37,7 +39,8 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.interop import hf_decoders, hf_encoders, hf_rules, hf_seq2seq
+from jaxformer.interop import (hf_decoders, hf_encoders, hf_funnel, hf_rules, hf_seq2seq,
+                               hf_swin)
 from jaxformer.models import build_model, family
 
 
@@ -70,8 +73,11 @@ _FAMILIES: dict[str, _Family] = {
                        (r'position_ids$',)),
     'vit': _Family(hf_encoders.vit_config, hf_encoders.vit_rules, 'vit.', (),
                    hf_encoders.vit_normalize),
+    'swin': _Family(hf_swin.swin_config, hf_swin.swin_rules, 'swin.', hf_swin.SWIN_IGNORE,
+                    hf_swin.swin_normalize),
     't5': _Family(hf_seq2seq.t5_config, hf_seq2seq.t5_rules, '', hf_seq2seq.T5_IGNORE),
     'bart': _Family(hf_seq2seq.bart_config, hf_seq2seq.bart_rules, 'model.'),
+    'funnel': _Family(hf_funnel.funnel_config, hf_funnel.funnel_rules, hf_funnel.PREFIX),
 }
 _HEAD_KEYS = re.compile(r'^(lm_head\.|cls\.|classifier\.|final_logits_bias$|generator_|'
                         r'discriminator_)')

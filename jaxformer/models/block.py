@@ -65,6 +65,10 @@ class TransformerBlock(nnx.Module):
     self.is_moe = moe
     self.ffn_sub = SubLayer(cfg, rngs=rngs)
 
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """{'self': the self-attention KV cache} (cross-attention K/V come from precompute_cross)."""
+    return {'self': self.self_attn.init_cache(batch, max_len, dtype)}
+
   def __call__(self, x, mask: AttentionMask, *, bias=None, enc=None, enc_mask=None,
                cache=None, token_ids=None, deterministic: bool = True):
     """x [B, T, D] -> (y [B, T, D], new_cache, aux: dict of scalar losses)."""

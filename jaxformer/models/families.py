@@ -85,6 +85,14 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         family='vit', norm='layernorm', norm_eps=1e-12, norm_position='pre',
         attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='none'),
         ffn=dict(activation='gelu', bias=True), pooler=True),
+    # Liu et al. 2021: Swin-T's shape (C = 96, depths 2-2-6-2, heads 3-6-12-24, 7 x 7 windows,
+    # 4 x 4 patches); shifted windows with a relative position bias, pre-LN, patch merging,
+    # average pool. `num_layers` follows the depths (derived below).
+    'swin': dict(
+        family='swin', norm='layernorm', norm_eps=1e-5, norm_position='pre', d_model=96,
+        attention=dict(num_heads=3, qkv_bias=True, out_bias=True), position=dict(kind='none'),
+        ffn=dict(activation='gelu', bias=True), scan_layers=False, image_size=224,
+        patch_size=4, swin=dict(depths=(2, 2, 6, 2), window_size=7)),
     # Bahdanau et al. 2015 / Luong et al. 2015 baseline.
     'rnn': dict(family='rnn_seq2seq', position=dict(kind='none'), scan_layers=False),
     # Kitaev et al. 2020: shared-QK LSH attention, reversible layers, chunked FFN, pre-LN.
@@ -105,6 +113,27 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         family='perceiver', norm='layernorm', norm_position='pre',
         attention=dict(qkv_bias=True, out_bias=True), position=dict(kind='learned'),
         ffn=dict(activation='gelu', bias=True)),
+    # Dai et al. 2020: blocks of post-LN layers with mean pooling in between, relative
+    # positions and token types inside attention, embedding LayerNorm, tanh GELU, decoder of 2
+    # layers over the up-sampled output (HF FunnelConfig defaults: B4-4-4, eps 1e-9).
+    'funnel': dict(
+        family='funnel', norm='layernorm', norm_eps=1e-9, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='none'), ffn=dict(activation='gelu_tanh', bias=True),
+        num_layers=12, num_decoder_layers=2, funnel=dict(block_sizes=(4, 4, 4)),
+        tie_embeddings=True, head_bias=True, scan_layers=False),
+    # Gulati et al. 2020: macaron half-step swish FFNs (4x), MHSA, convolution module (kernel
+    # 31, LayerNorm: BatchNorm is refused, see models/conformer.py), pre-LN, final LN per block.
+    # RoPE stands in for Transformer-XL relative positions (relative, and every attention kind
+    # and cached decoding take it). `conformer` is the encoder, `conformer_lm` the causal LM.
+    'conformer': dict(
+        family='conformer', norm='layernorm', norm_position='pre', final_norm=False,
+        position=dict(kind='rope'), ffn=dict(activation='silu', bias=True),
+        conformer=dict(kernel_size=31, norm='layernorm'), pooler=True),
+    'conformer_lm': dict(
+        family='conformer_lm', norm='layernorm', norm_position='pre', final_norm=False,
+        position=dict(kind='rope'), ffn=dict(activation='silu', bias=True),
+        conformer=dict(kernel_size=31, norm='layernorm'), tie_embeddings=True),
 }
 
 
@@ -114,6 +143,8 @@ _DERIVED = {
     # derives from tie_word_embeddings); T5 v1.1 is untied and unscaled.
     't5': lambda d: {'logits_scale': d.get('d_model', ModelConfig.d_model) ** -0.5
                      if d.get('tie_embeddings', True) else None},
+    # Swin's blocks are its stages' depths.
+    'swin': lambda d: {'num_layers': sum(d.get('swin', {}).get('depths', (2, 2)))},
 }
 
 

@@ -13,6 +13,13 @@ the rest of the code asks about a family is a field here, so no caller branches 
   * `own_layers`: None if its layers are the shared stack (`models/stack.py`: scanned, remat,
     pipelined, any attention kind); else the reason it runs its own, which refuses
     `scan_layers`, `remat`, attention kinds and pipeline parallelism at config time.
+  * `block`: 'module:Class' of the layer its shared stack is made of: `TransformerBlock`
+    (models/block.py) unless the family brings its own (the Conformer block). The class takes
+    `(cfg, *, causal, cross, moe, rngs)`, is called like `TransformerBlock` and makes its own
+    decoding cache (`init_cache`).
+  * `shared_attention`: with `own_layers`, its layers still build the shared `Attention`
+    (jaxformer.attention), so `model.attention.kind` / `impl` are not refused wholesale: its
+    `check` says which it takes.
   * `single_stack`: one stack of self-attention blocks (reversible layers need that).
   * `context_parallel`: its attention runs over a sequence that context parallelism can split.
   * `packing`: None if packed examples (segment ids) are kept apart; else why packing is
@@ -45,6 +52,8 @@ class Family:
   causal: bool = False
   generation: str | None = None
   own_layers: str | None = None
+  block: str = 'jaxformer.models.block:TransformerBlock'
+  shared_attention: bool = False
   single_stack: bool = False
   context_parallel: bool = False
   packing: str | None = None
@@ -57,6 +66,9 @@ class Family:
 
   def build(self, cfg, *, rngs):
     return _resolve(self.model)(cfg, rngs=rngs)
+
+  def block_class(self) -> type:
+    return _resolve(self.block)
 
   def validate(self, cfg) -> None:
     if self.check is not None:
@@ -120,3 +132,20 @@ register(Family(
     transformer_flops=False, check='jaxformer.models.electra:check_config',
     pipeline='its generator and discriminator are two stacks of different depths with token '
              'sampling between them, which one pipeline schedule does not run'))
+register(Family(
+    'funnel', 'jaxformer.models.funnel:Funnel', ('mlm', 'classification'),
+    own_layers='it pools the sequence between blocks of layers and computes its own attention '
+               '(relative position and token-type terms)',
+    packing='mean pooling averages neighbouring positions, so packed examples would mix',
+    transformer_flops=False, check='jaxformer.models.funnel:check_config'))
+CONFORMER = dict(block='jaxformer.models.conformer:ConformerBlock', single_stack=True,
+                 check='jaxformer.models.conformer:check_config')
+register(Family('conformer', 'jaxformer.models.encoder:EncoderModel', ('classification', 'mlm'),
+                **CONFORMER))
+register(Family('conformer_lm', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
+                generation='decoder', **CONFORMER))
+register(Family(
+    'swin', 'jaxformer.models.swin:Swin', ('classification',), token_inputs=False,
+    transformer_flops=False, shared_attention=True, check='jaxformer.models.swin:check_config',
+    own_layers='its stages change width and resolution (patch merging) and alternate plain and '
+               'shifted windows, so its blocks are not one scanned stack'))

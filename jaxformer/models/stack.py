@@ -36,7 +36,7 @@ from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.base import tag_params
 from jaxformer.models import reversible
-from jaxformer.models.block import TransformerBlock, zero_aux
+from jaxformer.models.block import zero_aux
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import active_layout, constrain, names_of
@@ -60,9 +60,10 @@ class LayerGroup(nnx.Module):
     p = layer_period(cfg)
     # Block i of the group in slice s of the 'layers' axis is layer s * p + i; the metadata
     # tells the optimizer so (layer-wise LR decay), whatever the path or the slicing.
+    block = cfg.family_spec.block_class()  # TransformerBlock unless the family has its own
     self.blocks = nnx.List([
-        tag_params(TransformerBlock(cfg, causal=causal, cross=cross,
-                                    moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs),
+        tag_params(block(cfg, causal=causal, cross=cross,
+                         moe=bool(cfg.moe.num_experts) and i == p - 1, rngs=rngs),
                    layer=i, layers_per_slice=p)
         for i in range(p)])
 
@@ -137,10 +138,11 @@ class Stack(nnx.Module):
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Self-attention KV cache for every layer, stacked on a leading group axis."""
+    """Every layer's decoding cache (the self-attention KV cache under 'self', and whatever
+    else the block keeps), stacked on a leading group axis."""
     dtype = dtype or self.cfg.compute_dtype
     group = self._first_group()
-    one = [{'self': b.self_attn.init_cache(batch, max_len, dtype)} for b in group.blocks]
+    one = [b.init_cache(batch, max_len, dtype) for b in group.blocks]
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_groups,) + a.shape), one)
 
   def precompute_cross(self, cache, enc, enc_mask: AttentionMask):

@@ -178,7 +178,8 @@ def test_bad_input_fails_before_compilation(tmp_path):
   # An RNN carries its state along a row, so packed seq2seq rows would leak into each other.
   rnn = load_config(os.path.join(ROOT, 'configs', 'rnn_attention.py'), 'size=tiny')
   rnn.data.packing = 'first_fit'
-  with pytest.raises(ConfigError, match="data.packing='first_fit'.*'none' for the RNN"):
+  with pytest.raises(ConfigError, match="data.packing='first_fit'.*'none' for "
+                     "model.family='rnn_seq2seq': it carries"):
     Trainer(rnn, str(tmp_path / 'e'))
   # Kinds that mix a whole row (Linformer, Nystromformer, FNet) cannot train on packed rows.
   c = quick_config()
