@@ -238,6 +238,24 @@ class MambaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ElectraConfig:
+  """ELECTRA (Clark et al. 2020; `jaxformer.models.electra`): a small masked-LM generator and
+  the discriminator that the rest of `model` describes, sharing the token, position and type
+  embeddings (and their LayerNorm) of width `model.embed_dim`. The generator is the
+  discriminator's config with `generator_d_model` (None: d_model // 4, the paper's best
+  generator-to-discriminator ratio is 1/4 to 1/2), `generator_num_layers` (None: num_layers),
+  `generator_num_heads` (None: generator_d_model // the discriminator's head dim, at least 1,
+  ELECTRA's rule with its 64-wide heads) and `generator_ffn_dim` (None: the discriminator's FFN
+  width scaled by generator_d_model / d_model, ELECTRA's 4 x hidden). The objective is
+  mlm + `disc_weight` * rtd (the paper's lambda = 50)."""
+  generator_d_model: int | None = None
+  generator_num_layers: int | None = None
+  generator_num_heads: int | None = None
+  generator_ffn_dim: int | None = None
+  disc_weight: float = 50.0
+
+
+@dataclasses.dataclass(frozen=True)
 class FunnelConfig:
   """Funnel-Transformer (Dai et al. 2020; `jaxformer.models.funnel`): the encoder is
   `block_sizes` blocks of layers (their sum must equal model.num_layers), each layer of block b
@@ -293,6 +311,7 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
   rnn: RNNConfig = RNNConfig()
   perceiver: PerceiverConfig = PerceiverConfig()
+  electra: ElectraConfig = ElectraConfig()
   funnel: FunnelConfig = FunnelConfig()
   conformer: ConformerConfig = ConformerConfig()
   swin: SwinConfig = SwinConfig()
@@ -312,12 +331,18 @@ class ModelConfig:
   head_bias: bool = False
   type_vocab_size: int = 0
   pad_id: int = 0
+  # Width E of the token / position / type embeddings (None: d_model). E != d_model adds a
+  # projection E -> d_model after the embedding LayerNorm and makes the MLM head map back to E
+  # for the tied output (ELECTRA's embeddings_project; families with `embed_projection`).
+  embed_dim: int | None = None
   # Transformer-XL (jaxformer.models.transformer_xl): cached states of the previous segment per
   # layer, and the segment length a training row is cut into (None: the whole row).
   memory_length: int = 0
   segment_length: int | None = None
   # encoder heads (BERT / RoBERTa / ViT)
   mlm_head: bool = False
+  # ELECTRA's discriminator head: one logit per token that it was replaced (act(h W + b) w + c)
+  rtd_head: bool = False
   pooler: bool = False
   num_labels: int = 0
   # ViT, Swin, Perceiver on pixels
@@ -371,6 +396,11 @@ class ModelConfig:
   @property
   def mamba_dt_rank(self) -> int:
     return self.mamba.dt_rank or -(-self.d_model // 16)
+
+  @property
+  def embed_width(self) -> int:
+    """The width of the input embedding tables (`embed_dim`, else d_model)."""
+    return self.embed_dim if self.embed_dim is not None else self.d_model
 
   @property
   def decoder_layers(self) -> int:
@@ -516,6 +546,19 @@ class ModelConfig:
       fail('model.type_vocab_size', self.type_vocab_size, 'must be >= 0')
     if not 0 <= self.pad_id < self.vocab_size:
       fail('model.pad_id', self.pad_id, f'must be a token id in [0, {self.vocab_size})')
+    if self.embed_dim is not None:
+      if self.embed_dim <= 0:
+        fail('model.embed_dim', self.embed_dim, 'must be a positive integer or None (d_model)')
+      if self.embed_dim != self.d_model and not fam.embed_projection:
+        from jaxformer.models import registry  # pylint: disable=import-outside-toplevel
+        can = [n for n in registry.names() if registry.get(n).embed_projection]
+        fail('model.embed_dim', self.embed_dim,
+             f'model.family={self.family!r} has no projection from embeddings of another width '
+             f'to model.d_model={self.d_model}: use None (or d_model), or a family that has '
+             f'one: {can}')
+    if self.rtd_head and (self.mlm_head or self.num_labels):
+      fail('model.rtd_head', True, 'the encoder has one output head: model.rtd_head excludes '
+           'model.mlm_head and model.num_labels')
 
   def _validate_mamba(self) -> None:
     m = self.mamba

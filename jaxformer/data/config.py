@@ -8,7 +8,7 @@
 `features` maps the pipeline's canonical features (text, inputs, targets, label, image,
 answer_mask) to the dataset's; `jaxformer.data.sources.DEFAULT_FEATURES` covers the datasets
 above. A comma-separated value joins several text features with EOS (GLUE sentence pairs).
-`packing='auto'` is 'concat' for lm, mlm, span_corruption and denoise (documents are joined
+`packing='auto'` is 'concat' for lm, mlm, rtd, span_corruption and denoise (documents are joined
 and cut into rows), 'first_fit' for seq2seq, and 'none' (one example per row) for
 classification.
 `target_len` is the decoder length for seq2seq and denoise (None: seq_len); span corruption
@@ -25,7 +25,7 @@ from flax.core import FrozenDict
 
 from jaxformer.config import ConfigError, _build, _to_plain, check_choice, fail
 
-TASKS = ('lm', 'mlm', 'span_corruption', 'denoise', 'seq2seq', 'classification')
+TASKS = ('lm', 'mlm', 'span_corruption', 'denoise', 'seq2seq', 'classification', 'rtd')
 TOKENIZERS = ('byte', 'spm', 'listops')
 PACKINGS = ('auto', 'none', 'first_fit', 'concat')
 SPM_MODEL_TYPES = ('unigram', 'bpe')
@@ -82,7 +82,8 @@ class DataConfig:
   def resolved_packing(self) -> str:
     if self.packing != 'auto':
       return self.packing
-    return {'lm': 'concat', 'mlm': 'concat', 'span_corruption': 'concat', 'denoise': 'concat',
+    return {'lm': 'concat', 'mlm': 'concat', 'rtd': 'concat', 'span_corruption': 'concat',
+            'denoise': 'concat',
             'seq2seq': 'first_fit'}.get(self.task, 'none')
 
   def validate(self) -> None:
@@ -109,6 +110,7 @@ class DataConfig:
       fail('data.bart_poisson_lambda', self.bart_poisson_lambda, 'must be > 0')
     packing = self.resolved_packing
     allowed = {'lm': ('none', 'first_fit', 'concat'), 'mlm': ('none', 'first_fit', 'concat'),
+               'rtd': ('none', 'first_fit', 'concat'),
                'seq2seq': ('none', 'first_fit'), 'classification': ('none',),
                'span_corruption': ('none', 'concat'),
                'denoise': ('none', 'concat')}[self.task]

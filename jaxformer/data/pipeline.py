@@ -9,6 +9,8 @@ numpy arrays, B = batch size, T = seq_len, S = target_len (decoder length):
   mlm (BERT / RoBERTa dynamic masking, 80/10/10):
     inputs (masked), targets (original ids), segment_ids, positions: int32 [B, T];
     loss_mask: float32 [B, T], 1 on the selected positions only.
+  rtd (ELECTRA): the mlm schema, with ELECTRA's masking: a selected token becomes <mask> with
+    probability 0.85 and stays unchanged otherwise (no random tokens).
   seq2seq, span_corruption (T5), denoise (BART):
     encoder_inputs, encoder_segment_ids, encoder_positions: int32 [B, T]
     decoder_inputs, decoder_targets, decoder_segment_ids, decoder_positions: int32 [B, S]
@@ -219,6 +221,7 @@ def _lm(ds, enc: _Encoder, cfg: DataConfig, seq_len: int, seed: int):
 
 def _mlm(ds, enc: _Encoder, cfg: DataConfig, seq_len: int, seed: int):
   tok = enc.tok
+  replace = (0.85, 0.0) if cfg.task == 'rtd' else (0.8, 0.1)
   specials = np.asarray([tok.pad_id, tok.bos_id, tok.eos_id], np.int32)
 
   def element(ex):
@@ -230,7 +233,7 @@ def _mlm(ds, enc: _Encoder, cfg: DataConfig, seq_len: int, seed: int):
     eligible = (segment > 0) & ~np.isin(tokens, specials) & ~tok.is_sentinel(tokens)
     inputs, targets, selected = transforms.mlm_mask(
         tokens, rng, mask_id=tok.mask_id, regular_ids=tok.regular_ids, eligible=eligible,
-        probability=cfg.mlm_probability)
+        probability=cfg.mlm_probability, replace=replace)
     return {'inputs': inputs, 'targets': targets, 'segment_ids': segment,
             'positions': p['tokens_positions'], 'loss_mask': selected.astype(np.float32)}
 
@@ -413,7 +416,7 @@ def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int 
   noise_seed = _fold(seed, shard_index)
   if cfg.task == 'lm':
     ds = _lm(ds, enc, cfg, seq_len, noise_seed)
-  elif cfg.task == 'mlm':
+  elif cfg.task in ('mlm', 'rtd'):
     ds = _mlm(ds, enc, cfg, seq_len, noise_seed)
   elif cfg.task == 'seq2seq':
     ds = _seq2seq(ds, enc, cfg, seq_len, target_len, noise_seed)

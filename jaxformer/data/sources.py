@@ -58,6 +58,7 @@ DEFAULT_FEATURES: dict[str, dict[str, str]] = {
 TASK_FEATURES = {
     'lm': (('text',), ('inputs', 'targets')),
     'mlm': (('text',),),
+    'rtd': (('text',),),
     'span_corruption': (('text',),),
     'denoise': (('text',),),
     'seq2seq': (('inputs', 'targets'),),

@@ -5,7 +5,8 @@
   a selected token becomes <mask> with probability 0.8, a uniformly random regular token with
   probability 0.1 and stays unchanged with probability 0.1. The loss counts selected positions
   only. The pipeline calls it with a fresh generator per element and step, so an example gets a
-  new mask every epoch.
+  new mask every epoch. ELECTRA (Clark et al. 2020, pretrain_helpers.mask) uses
+  `replace=(0.85, 0.0)`: <mask> with probability 0.85, unchanged otherwise.
 - `span_corruption`: T5 (Raffel et al. 2020, Sec. 3.1.4; `random_spans_noise_mask`): a
   fraction `noise_density` of the tokens, in round(num_noise / mean_span) spans, is dropped
   from the inputs; each span becomes one sentinel in the inputs and the targets list
@@ -27,15 +28,21 @@ import numpy as np
 
 
 def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *, mask_id: int,
-             regular_ids: range, eligible: np.ndarray, probability: float = 0.15
+             regular_ids: range, eligible: np.ndarray, probability: float = 0.15,
+             replace: tuple[float, float] = (0.8, 0.1)
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Returns (inputs, targets, loss_mask); targets are the original tokens everywhere."""
+  """Returns (inputs, targets, loss_mask); targets are the original tokens everywhere.
+
+  `replace` = (p_mask, p_random): a selected token becomes <mask> with probability p_mask, a
+  random regular token with p_random, and stays unchanged otherwise.
+  """
+  p_mask, p_random = replace
   tokens = np.asarray(tokens, np.int32)
   selected = (rng.random(tokens.shape) < probability) & eligible
   action = rng.random(tokens.shape)
   inputs = tokens.copy()
-  to_mask = selected & (action < 0.8)
-  to_random = selected & (action >= 0.8) & (action < 0.9)
+  to_mask = selected & (action < p_mask)
+  to_random = selected & (action >= p_mask) & (action < p_mask + p_random)
   inputs[to_mask] = mask_id
   random_tokens = rng.integers(regular_ids.start, regular_ids.stop, tokens.shape, dtype=np.int32)
   inputs[to_random] = random_tokens[to_random]

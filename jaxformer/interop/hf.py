@@ -8,8 +8,10 @@
     save_hf_safetensors(model, cfg, 'out_dir')                  # model.safetensors + config.json
 
 Families (HF `model_type` -> jaxformer family preset): gpt2 -> gpt2, llama -> llama,
-mistral -> mistral, mixtral -> mixtral, bert -> bert, roberta -> roberta, t5 -> t5 / t5_v1_1,
-bart -> bart, vit -> vit, funnel -> funnel, swin -> swin, mamba -> mamba. The HF config becomes
+mistral -> mistral, mixtral -> mixtral, bert -> bert, roberta -> roberta, electra -> bert with
+`embed_dim` (the generator and the discriminator each an encoder; `electra_from_hf` imports a
+pair as one `electra` model), t5 -> t5 / t5_v1_1, bart -> bart, vit -> vit, funnel -> funnel,
+swin -> swin, mamba -> mamba. The HF config becomes
 `family(name, **overrides)` (sizes, heads, kv heads, head dim, eps, RoPE theta and linear
 scaling, vocabulary, positions, tying, sliding window, experts, dropout rates); an HF setting
 jaxformer cannot express raises `ConfigError` naming the HF field (`hf.<field>`). Weights go
@@ -66,6 +68,9 @@ _FAMILIES: dict[str, _Family] = {
     'roberta': _Family(hf_encoders.bert_config,
                        lambda cfg: hf_encoders.bert_rules(cfg, 'roberta'), 'roberta.',
                        (r'position_ids$',)),
+    'electra': _Family(hf_encoders.bert_config,
+                       lambda cfg: hf_encoders.bert_rules(cfg, 'electra'), 'electra.',
+                       (r'position_ids$',)),
     'vit': _Family(hf_encoders.vit_config, hf_encoders.vit_rules, 'vit.', (),
                    hf_encoders.vit_normalize),
     'swin': _Family(hf_swin.swin_config, hf_swin.swin_rules, 'swin.', hf_swin.SWIN_IGNORE,
@@ -75,7 +80,8 @@ _FAMILIES: dict[str, _Family] = {
     'funnel': _Family(hf_funnel.funnel_config, hf_funnel.funnel_rules, hf_funnel.PREFIX),
     'mamba': _Family(hf_mamba.mamba_config, hf_mamba.mamba_rules, 'backbone.'),
 }
-_HEAD_KEYS = re.compile(r'^(lm_head\.|cls\.|classifier\.|final_logits_bias$)')
+_HEAD_KEYS = re.compile(r'^(lm_head\.|cls\.|classifier\.|final_logits_bias$|generator_|'
+                        r'discriminator_)')
 
 
 def supported_model_types() -> list[str]:
@@ -112,6 +118,29 @@ def from_hf(source, state_dict=None, *, layout=None, **overrides
   cfg = family(name, **_merge(over, overrides))
   model = _load(cfg, fam.rules(cfg), sd, fam.ignore, layout)
   return cfg, model
+
+
+def electra_from_hf(generator, discriminator, *, layout=None, **overrides
+                    ) -> tuple[ModelConfig, nnx.Module]:
+  """ELECTRA's two halves -> (ModelConfig, jaxformer `electra` model), e.g. to go on pre-training.
+
+  `generator` (an ElectraForMaskedLM) and `discriminator` (an ElectraForPreTraining) are each a
+  transformers model or a local checkpoint directory. Their embeddings (tables and LayerNorm)
+  must be equal, as ELECTRA trains them shared; the generator's sizes become
+  `model.electra.generator_*`. `layout` and `overrides` as in `from_hf`.
+  """
+  halves = {'generator': _read_source(generator, None),
+            'discriminator': _read_source(discriminator, None)}
+  for half, (c, _) in halves.items():
+    if getattr(c, 'model_type', None) != 'electra':
+      raise ConfigError(f"hf.model_type={getattr(c, 'model_type', None)!r} of the {half} is "
+                        "invalid: must be 'electra'")
+  (gc, gsd), (dc, dsd) = [(c, _add_prefix(sd, 'electra.')) for c, sd in halves.values()]
+  over = hf_encoders.electra_pair_config(gc, gsd, dc, dsd)
+  cfg = family('electra', **_merge(over, overrides))
+  sd = {f'{half}/{k}': v for half, s in (('generator', gsd), ('discriminator', dsd))
+        for k, v in s.items()}
+  return cfg, _load(cfg, hf_encoders.electra_pair_rules(cfg), sd, (r'position_ids$',), layout)
 
 
 def _read_source(source, state_dict):
@@ -345,5 +374,5 @@ def save_hf_safetensors(model: nnx.Module, cfg: ModelConfig, path) -> str:
   return file
 
 
-__all__ = ['from_hf', 'hf_model_type', 'read_safetensors', 'save_hf_safetensors',
+__all__ = ['electra_from_hf', 'from_hf', 'hf_model_type', 'read_safetensors', 'save_hf_safetensors',
            'supported_model_types', 'to_hf_config', 'to_hf_state_dict']

@@ -8,6 +8,15 @@ position ids start at padding_idx + 1, so its table of max_position_embeddings r
 always uses exact GELU. BERT positions are arange over the whole (padded) row while jaxformer
 restarts positions after padding, so left-padded BERT inputs need explicit `positions=`.
 
+ELECTRA (ElectraForPreTraining: the discriminator, ElectraForMaskedLM: the generator,
+ElectraModel) is BERT's encoder with embeddings of width `embedding_size` (our
+`model.embed_dim`) and, when that differs from hidden_size, `embeddings_project` (our
+`embed_proj`); the generator head is LN(gelu(h W + b)) E^T + b of width embedding_size (exact
+GELU whatever hidden_act), the discriminator head act(h W + b) w + c with hidden_act (our
+`rtd_head`). Each imports as an `encoder`-family model, the module the `electra` family runs
+as its two halves; `jaxformer.interop.hf.electra_from_hf` imports a generator and a
+discriminator with equal embeddings as one `electra` model.
+
 ViT (ViTModel, ViTForImageClassification): the patch Conv2d kernel [D, C, p, p] becomes our
 [p * p * C, D] patch matrix (our images are NHWC, patches flattened row, column, channel);
 pre-LN layers, final LayerNorm, tanh pooler on [CLS] (ViTModel) or a classifier on the final
@@ -17,6 +26,7 @@ normalised [CLS] state (ViTForImageClassification). Checkpoints in the v4 layout
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -27,20 +37,33 @@ from jaxformer.interop import hf_rules as R
 
 
 # --------------------------------------------------------------------------- BERT / RoBERTa
+# name -> (transform dense, its LayerNorm, decoder, the vocabulary bias and its duplicates)
+_MLM_HEADS = {
+    'bert': ('cls.predictions.transform.dense', 'cls.predictions.transform.LayerNorm',
+             'cls.predictions.decoder', ('cls.predictions.bias', 'cls.predictions.decoder.bias')),
+    'roberta': ('lm_head.dense', 'lm_head.layer_norm', 'lm_head.decoder',
+                ('lm_head.bias', 'lm_head.decoder.bias')),
+    'electra': ('generator_predictions.dense', 'generator_predictions.LayerNorm',
+                'generator_lm_head', ('generator_lm_head.bias',)),
+}
+_RTD_HEAD = 'discriminator_predictions'
+
+
 def bert_config(c, sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
   name = c.model_type
   prefix = f'{name}.'
-  R.require(c, 'is_decoder', (False,), 'causal BERT decoders')
+  R.require(c, 'is_decoder', (False,), f'causal {name} decoders')
   R.require(c, 'add_cross_attention', (False,), 'cross-attention')
   R.require(c, 'position_embedding_type', ('absolute',), 'relative position embeddings')
-  mlm = 'cls.predictions.bias' in sd if name == 'bert' else 'lm_head.bias' in sd
+  transform, _, decoder, (bias, *_) = _MLM_HEADS[name]
+  mlm = bias in sd
   act = R.activation(c, 'hidden_act')
-  if name == 'roberta' and mlm and act != 'gelu':
-    fail('hf.hidden_act', c.hidden_act, "RobertaLMHead always applies exact GELU and jaxformer's "
+  if name in ('roberta', 'electra') and mlm and act != 'gelu':
+    fail('hf.hidden_act', c.hidden_act, f"{transform} always applies exact GELU and jaxformer's "
          "MLM head uses the FFN activation, so only 'gelu' is supported")
   offset = c.pad_token_id + 1 if name == 'roberta' else 0
   positions = c.max_position_embeddings - offset
-  head = 'cls.predictions.decoder.weight' if name == 'bert' else 'lm_head.decoder.weight'
+  head = f'{decoder}.weight'
   over = dict(
       vocab_size=c.vocab_size, d_model=c.hidden_size, num_layers=c.num_hidden_layers,
       max_length=positions, norm_eps=c.layer_norm_eps,
@@ -54,6 +77,9 @@ def bert_config(c, sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
       embed_dropout=float(c.hidden_dropout_prob), residual_dropout=float(c.hidden_dropout_prob))
   if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size:
     over['pad_id'] = c.pad_token_id
+  if name == 'electra':
+    over.update(embed_dim=c.embedding_size, rtd_head=f'{_RTD_HEAD}.dense.weight' in sd)
+    name = 'bert'  # the same encoder; the electra preset is the generator + discriminator pair
   return name, over
 
 
@@ -72,23 +98,77 @@ def bert_rules(cfg: ModelConfig, name: str) -> list[R.Rule]:
               *R.dense_ffn(f'{blk}.ffn', hf, cfg, dict(wi='intermediate.dense',
                                                          wo='output.dense'), l),
               *R.norm(f'{blk}.ffn_sub.norm', f'{hf}.output.LayerNorm', True, l)]
+  if cfg.embed_width != cfg.d_model:
+    rules += [R.linear('embed_proj.w', f'{p}embeddings_project.weight'),
+              R.same('embed_proj.b', f'{p}embeddings_project.bias')]
   if cfg.pooler:
     rules += [R.linear('pooler.dense.w', f'{p}pooler.dense.weight'),
               R.same('pooler.dense.b', f'{p}pooler.dense.bias')]
   if cfg.mlm_head:
-    if name == 'bert':
-      h = 'cls.predictions'
-      dense, ln, decoder = f'{h}.transform.dense', f'{h}.transform.LayerNorm', f'{h}.decoder'
-    else:
-      h = 'lm_head'
-      dense, ln, decoder = f'{h}.dense', f'{h}.layer_norm', f'{h}.decoder'
+    dense, ln, decoder, (bias, *copies) = _MLM_HEADS[name]
     rules += [R.linear('mlm.transform.w', f'{dense}.weight'),
               R.same('mlm.transform.b', f'{dense}.bias'),
               *R.norm('mlm.norm', ln, True),
-              R.same('mlm.decoder.bias', f'{h}.bias'),
-              R.alias('mlm.decoder.bias', f'{decoder}.bias'),
+              R.same('mlm.decoder.bias', bias),
+              *[R.alias('mlm.decoder.bias', k) for k in copies],
               *R.tied_head(cfg, 'embedder.embed.embedding', f'{decoder}.weight',
                            head='mlm.decoder')]
+  if cfg.rtd_head:
+    rules += [R.linear('rtd.dense.w', f'{_RTD_HEAD}.dense.weight'),
+              R.same('rtd.dense.b', f'{_RTD_HEAD}.dense.bias'),
+              R.linear('rtd.prediction.w', f'{_RTD_HEAD}.dense_prediction.weight'),
+              R.same('rtd.prediction.b', f'{_RTD_HEAD}.dense_prediction.bias')]
+  return rules
+
+
+# --------------------------------------------------------------------------- ELECTRA pairs
+# Config fields the jaxformer generator takes from the discriminator (models/electra.py), and
+# the embedding tensors the two share.
+_ELECTRA_SHARED = ('vocab_size', 'embedding_size', 'max_position_embeddings', 'type_vocab_size',
+                   'layer_norm_eps', 'hidden_act', 'hidden_dropout_prob',
+                   'attention_probs_dropout_prob', 'pad_token_id')
+_ELECTRA_EMBEDDINGS = ('word_embeddings.weight', 'position_embeddings.weight',
+                       'token_type_embeddings.weight', 'LayerNorm.weight', 'LayerNorm.bias')
+
+
+def electra_pair_config(gen, gen_sd: Mapping[str, np.ndarray], disc,
+                        disc_sd: Mapping[str, np.ndarray]) -> dict:
+  """`electra`-family overrides from a generator (ElectraForMaskedLM) and a discriminator
+  (ElectraForPreTraining) whose embeddings are one set, as ELECTRA trains them."""
+  for field in _ELECTRA_SHARED:
+    g, d = getattr(gen, field, None), getattr(disc, field, None)
+    if g != d:
+      fail(f'hf.{field}', g, f"the generator's must equal the discriminator's ({d!r}): "
+           "jaxformer's ELECTRA derives the generator from the discriminator's config")
+  _, g = bert_config(gen, gen_sd)
+  _, d = bert_config(disc, disc_sd)
+  if not g['mlm_head']:
+    fail('hf.generator', type(gen).__name__, 'must be an ElectraForMaskedLM checkpoint (it has '
+         f'no {_MLM_HEADS["electra"][3][0]})')
+  if not d['rtd_head']:
+    fail('hf.discriminator', type(disc).__name__, 'must be an ElectraForPreTraining checkpoint '
+         f'(it has no {_RTD_HEAD}.dense.weight)')
+  for key in (f'electra.embeddings.{k}' for k in _ELECTRA_EMBEDDINGS):
+    if not np.array_equal(gen_sd[key], disc_sd[key]):
+      fail('hf.generator', key, "differs from the discriminator's, but jaxformer's ELECTRA "
+           'shares one embedder between the two (as ELECTRA pre-training does)')
+  over = {k: v for k, v in d.items() if k not in ('mlm_head', 'rtd_head')}
+  over.update(tie_embeddings=g['tie_embeddings'], electra=dict(
+      generator_d_model=gen.hidden_size, generator_num_layers=gen.num_hidden_layers,
+      generator_num_heads=gen.num_attention_heads, generator_ffn_dim=gen.intermediate_size))
+  return over
+
+
+def electra_pair_rules(cfg: ModelConfig) -> list[R.Rule]:
+  """The encoder rules of each half, our paths under `generator.` / `discriminator.` and the
+  HF keys under `generator/` / `discriminator/` (the two checkpoints' keys coincide)."""
+  from jaxformer.models import electra  # pylint: disable=import-outside-toplevel
+  rules = []
+  for half, c in (('generator', electra.generator_config(cfg)),
+                  ('discriminator', electra.discriminator_config(cfg))):
+    rules += [dataclasses.replace(r, ours=tuple(f'{half}.{o}' for o in r.ours),
+                                  hf=tuple(f'{half}/{k}' for k in r.hf))
+              for r in bert_rules(c, 'electra')]
   return rules
 
 

@@ -86,13 +86,15 @@ class Head(nnx.Module):
 
 
 def make_embed(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Embed:
-  """Token embedding from the config: init/init_std, sqrt(d_model) scaling if cfg.embed_scale."""
-  return Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std, init=cfg.init,
-               scale=math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0,
+  """Token embedding from the config: width cfg.embed_width (embed_dim, else d_model),
+  init/init_std, sqrt(width) scaling if cfg.embed_scale."""
+  return Embed(cfg.vocab_size, cfg.embed_width, rngs=rngs, init_std=cfg.init_std, init=cfg.init,
+               scale=math.sqrt(cfg.embed_width) if cfg.embed_scale else 1.0,
                param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype)
 
 
-def make_head(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Head:
-  """Untied output head from the config (bias per cfg.head_bias)."""
-  return Head(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias, rngs=rngs, init_std=cfg.init_std,
+def make_head(cfg: ModelConfig, *, dim: int | None = None, rngs: nnx.Rngs) -> Head:
+  """Untied output head from the config (bias per cfg.head_bias) reading width `dim` (None:
+  d_model)."""
+  return Head(cfg.d_model if dim is None else dim, cfg.vocab_size, bias=cfg.head_bias, rngs=rngs, init_std=cfg.init_std,
               init=cfg.init, param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype)

@@ -3,6 +3,8 @@
 TokenEmbedder: x = norm(scale * E[ids] + P[pos] + T[types]) then dropout, where the scale is
 sqrt(D) when `model.embed_scale` (Vaswani et al.), P is sinusoidal or learned (with an id offset
 for BART / RoBERTa) and the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`).
+The tables and the norm have width `model.embed_width` (`embed_dim`, else D); a family with
+`embed_projection` maps a different width to D itself (ELECTRA).
 
 LMHead: logits = softcap(scale * h E^T + b) with E tied to the input embedding, or an untied
 projection; T5 scales by D^-0.5 when tied (`model.logits_scale`).
@@ -68,18 +70,18 @@ class TokenEmbedder(nnx.Module):
     self.embed = embed if embed is not None else make_embed(cfg, rngs=rngs)
     pc = cfg.position
     if pc.kind == 'learned':
-      self.positions = pos_lib.LearnedPositions(pc.max_length, cfg.d_model, offset=pc.offset,
+      self.positions = pos_lib.LearnedPositions(pc.max_length, cfg.embed_width, offset=pc.offset,
                                                 init=normal_init(cfg.init_std),
                                                 param_dtype=cfg.params_dtype, rngs=rngs)
     else:
       self.positions = None
-    self.token_types = (Embed(cfg.type_vocab_size, cfg.d_model, init_std=cfg.init_std,
+    self.token_types = (Embed(cfg.type_vocab_size, cfg.embed_width, init_std=cfg.init_std,
                               param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype,
                               ids_name='token type ids', rngs=rngs)
                         if cfg.type_vocab_size else None)
     # Part of the input embedding: layer-wise LR decay treats it like the tables.
-    self.norm = (tag_params(make_norm(cfg, rngs=rngs), role='embedding') if cfg.embed_norm
-                 else None)
+    self.norm = (tag_params(make_norm(cfg, cfg.embed_width, rngs=rngs), role='embedding')
+                 if cfg.embed_norm else None)
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
 
   def __call__(self, ids, positions, *, token_types=None, deterministic=True):
@@ -90,7 +92,7 @@ class TokenEmbedder(nnx.Module):
     if kind == 'learned':
       x = x + self.positions(positions).astype(x.dtype)
     elif kind == 'sinusoidal':
-      x = x + pos_lib.sinusoidal(positions, cfg.d_model).astype(x.dtype)
+      x = x + pos_lib.sinusoidal(positions, cfg.embed_width).astype(x.dtype)
     if self.token_types is not None:
       tt = jnp.zeros_like(ids) if token_types is None else token_types
       x = x + self.token_types(tt).astype(x.dtype)
@@ -101,13 +103,17 @@ class TokenEmbedder(nnx.Module):
 
 
 class LMHead(nnx.Module):
+  """Reads states of width `dim` (None: d_model; the MLM head of a factorized embedding reads
+  model.embed_width)."""
 
-  def __init__(self, cfg: ModelConfig, embed: Embed, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, embed: Embed, *, dim: int | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = embed if cfg.tie_embeddings else None
     # The vocabulary bias (BERT's decoder bias, BART's final_logits_bias) is kept separately so
     # that it exists for tied and untied heads alike.
-    self.head = None if cfg.tie_embeddings else make_head(cfg.replace(head_bias=False), rngs=rngs)
+    self.head = (None if cfg.tie_embeddings
+                 else make_head(cfg.replace(head_bias=False), dim=dim, rngs=rngs))
     self.bias = (param(rngs, zeros, (cfg.vocab_size,), ('vocab',), cfg.params_dtype)
                  if cfg.head_bias else None)
 

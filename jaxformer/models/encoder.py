@@ -1,8 +1,14 @@
-"""Bidirectional encoder: BERT and RoBERTa are configurations of it (CATALOG E2).
+"""Bidirectional encoder: BERT, RoBERTa and ELECTRA's two halves are configurations of it
+(CATALOG E2).
 
-    h = Encoder(embed(tokens) + P + T)        (post-norm, embedding LayerNorm)
-    MLM logits = LN(act(h W_t + b_t)) E^T + b  (tied decoder, Devlin et al. 2019)
+    e = LN(E[tokens] + P + T)  [B, T, E]      (embedding LayerNorm, width E = model.embed_width)
+    h = Encoder(e W_e + b_e)   [B, T, D]      (W_e [E, D] only when E != D: ELECTRA's
+                                               embeddings_project, Clark et al. 2020)
+    MLM logits = LN(act(h W_t + b_t)) E^T + b  (W_t [D, E]; tied decoder, Devlin et al. 2019)
+    RTD logit  = act(h W_d + b_d) w + c  [B, T] (ELECTRA's discriminator head: token replaced?)
     pooled = tanh(h_[CLS] W_p + b_p);  class logits = dropout(pooled) W_c + b_c
+
+The embedder can be given (`embedder=`): ELECTRA's generator and discriminator share one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from jaxformer.layers.ffn import activation
 from jaxformer.layers.norms import make_norm
 from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
+from jaxformer.parallel import rules as R
+from jaxformer.parallel.sharding import constrain
 
 
 class Dense(nnx.Module):
@@ -56,24 +64,42 @@ class MLMHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, embed, *, rngs: nnx.Rngs):
     self.act = cfg.ffn.activation
-    self.transform = Dense(cfg.d_model, cfg.d_model, cfg, names=('embed', 'mlp'), rngs=rngs)
-    self.norm = make_norm(cfg, rngs=rngs)
-    self.decoder = LMHead(cfg, embed, rngs=rngs)
+    e = cfg.embed_width
+    self.transform = Dense(cfg.d_model, e, cfg, names=('embed', 'mlp'), rngs=rngs)
+    self.norm = make_norm(cfg, e, rngs=rngs)
+    self.decoder = LMHead(cfg, embed, dim=e, rngs=rngs)
 
   def __call__(self, h):
     return self.decoder(self.norm(activation(self.act)(self.transform(h))))
 
 
-class EncoderModel(nnx.Module):
-  """Returns MLM logits when `model.mlm_head`, else class logits when `model.num_labels`, else the
-  final hidden states, in `ModelOutput.logits`; `pooled` holds the pooler output."""
+class RTDHead(nnx.Module):
+  """ELECTRA's discriminator head: a logit per token that it was replaced, [B, T] float32."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.act = cfg.ffn.activation
+    self.dense = Dense(cfg.d_model, cfg.d_model, cfg, names=('embed', 'mlp'), rngs=rngs)
+    self.prediction = Dense(cfg.d_model, 1, cfg, names=('mlp', None), rngs=rngs)
+
+  def __call__(self, h):
+    return self.prediction(activation(self.act)(self.dense(h)))[..., 0].astype(jnp.float32)
+
+
+class EncoderModel(nnx.Module):
+  """Returns MLM logits when `model.mlm_head`, replaced-token logits [B, T] when
+  `model.rtd_head`, else class logits when `model.num_labels`, else the final hidden states, in
+  `ModelOutput.logits`; `pooled` holds the pooler output."""
+
+  def __init__(self, cfg: ModelConfig, *, embedder: TokenEmbedder | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embedder = TokenEmbedder(cfg, rngs=rngs)
+    self.embedder = embedder if embedder is not None else TokenEmbedder(cfg, rngs=rngs)
+    self.embed_proj = (Dense(cfg.embed_width, cfg.d_model, cfg, names=('embed', 'mlp'),
+                             rngs=rngs) if cfg.embed_width != cfg.d_model else None)
     self.stack = Stack(cfg, cfg.num_layers, causal=False, rngs=rngs)
     self.final_norm = make_norm(cfg, rngs=rngs) if cfg.final_norm else None
     self.mlm = MLMHead(cfg, self.embedder.embed, rngs=rngs) if cfg.mlm_head else None
+    self.rtd = RTDHead(cfg, rngs=rngs) if cfg.rtd_head else None
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.pooler else None
     self.classifier = Classifier(cfg, rngs=rngs) if cfg.num_labels else None
 
@@ -82,12 +108,16 @@ class EncoderModel(nnx.Module):
     positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
                                             causal=False)
     x = self.embedder(tokens, positions, token_types=token_types, deterministic=deterministic)
+    if self.embed_proj is not None:
+      x = constrain(self.embed_proj(x), R.RESIDUAL)
     x, _, aux = self.stack(x, mask, token_ids=tokens, deterministic=deterministic)
     if self.final_norm is not None:
       x = self.final_norm(x)
     pooled = self.pooler(x) if self.pooler is not None else None
     if self.mlm is not None:
       logits = self.mlm(x)
+    elif self.rtd is not None:
+      logits = self.rtd(x)
     elif self.classifier is not None:
       logits = self.classifier(pooled if pooled is not None else x[:, 0],
                                deterministic=deterministic)

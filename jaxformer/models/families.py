@@ -49,6 +49,13 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         position=dict(kind='learned', offset=2, max_length=512),
         ffn=dict(activation='gelu', bias=True), type_vocab_size=1, mlm_head=True,
         head_bias=True, tie_embeddings=True, pad_id=1, max_length=512),
+    # Clark et al. 2020: BERT's encoder as discriminator, a smaller MLM generator (model.electra)
+    # sharing the embeddings (width model.embed_dim), replaced-token detection.
+    'electra': dict(
+        family='electra', norm='layernorm', norm_eps=1e-12, norm_position='post',
+        final_norm=False, embed_norm=True, attention=dict(qkv_bias=True, out_bias=True),
+        position=dict(kind='learned', max_length=512), ffn=dict(activation='gelu', bias=True),
+        type_vocab_size=2, head_bias=True, tie_embeddings=True, max_length=512),
     # Raffel et al. 2020: RMSNorm, bucketed relative bias, no score scaling, ReLU, tied head
     # scaled by d^-0.5.
     't5': dict(

@@ -30,6 +30,10 @@ the rest of the code asks about a family is a field here, so no caller branches 
   * `token_inputs`: its input is a token sequence bounded by `model.max_length`.
   * `depth_fields`: the ModelConfig fields that set the depth of each pipelined stack.
   * `transformer_flops`: the 6N + attention FLOPs-per-token estimate applies (MFU metrics).
+  * `embed_projection`: it accepts `model.embed_dim` != d_model (embedding tables of width E
+    projected to d_model, and an MLM head mapping back to E).
+  * `pipeline`: None if pipeline parallelism can cut its stacks into stages (and `own_layers`
+    is None); else why it cannot, refused at config time.
   * `check`: optional 'module:function' run by `ModelConfig.validate` for the family's own
     fields (it raises ConfigError naming the field).
 
@@ -60,6 +64,8 @@ class Family:
   token_inputs: bool = True
   depth_fields: tuple[str, ...] = ('num_layers',)
   transformer_flops: bool = True
+  embed_projection: bool = False
+  pipeline: str | None = None
   check: str | None = None
 
   def build(self, cfg, *, rngs):
@@ -107,7 +113,7 @@ SEQ2SEQ_TASKS = ('seq2seq', 'span_corruption', 'denoise')
 register(Family('decoder', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
                 generation='decoder', single_stack=True, context_parallel=True))
 register(Family('encoder', 'jaxformer.models.encoder:EncoderModel', ('mlm', 'classification'),
-                single_stack=True, context_parallel=True))
+                single_stack=True, context_parallel=True, embed_projection=True))
 register(Family('encoder_decoder', 'jaxformer.models.encoder_decoder:EncoderDecoder',
                 SEQ2SEQ_TASKS, causal=True, generation='seq2seq',
                 depth_fields=('num_layers', 'num_decoder_layers')))
@@ -125,6 +131,11 @@ register(Family(
                'segments, and it computes its own attention (relative terms (a)-(d))',
     check='jaxformer.models.transformer_xl:check_config'))
 register(Family('perceiver', 'jaxformer.models.perceiver:Perceiver', ('classification',)))
+register(Family(
+    'electra', 'jaxformer.models.electra:Electra', ('rtd',), embed_projection=True,
+    transformer_flops=False, check='jaxformer.models.electra:check_config',
+    pipeline='its generator and discriminator are two stacks of different depths with token '
+             'sampling between them, which one pipeline schedule does not run'))
 register(Family(
     'funnel', 'jaxformer.models.funnel:Funnel', ('mlm', 'classification'),
     own_layers='it pools the sequence between blocks of layers and computes its own attention '

@@ -172,6 +172,10 @@ class Experiment:
     # An unset num_decoder_layers means num_layers (ModelConfig.decoder_layers).
     depth = {'num_layers': m.num_layers, 'num_decoder_layers': m.decoder_layers}
     num_layers = {f'model.{f}': depth[f] for f in m.family_spec.depth_fields}
+    if stages > 1 and m.family_spec.pipeline is not None:
+      fail('parallel.mesh.stage', stages,
+           f'asks for pipeline parallelism, which model.family={m.family!r} cannot use: '
+           f'{m.family_spec.pipeline}; set parallel.mesh.stage=1')
     pipeline_lib.check_config(
         stages=stages, repeats=par.pipeline.repeats, microbatches=self.optim.grad_accum_steps,
         num_layers=num_layers, period=layer_period(m), family=m.family,

@@ -28,7 +28,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.train import tasks
 from jaxformer.train.precision import cast_floating
 
-METRIC_SUMS = ('num_tokens',)
+METRIC_SUMS = ('num_tokens', 'rtd_tokens')
 
 
 def split_micro(batch: dict, k: int) -> dict:
@@ -115,7 +115,8 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
 
 def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
                    loss_cfg: tasks.LossConfig, regular_ids: tuple[int, int] | None = None):
-  """Returns eval_step(params, batch) -> sums {nll_sum, correct_sum, num_tokens[, num_bytes]}.
+  """Returns eval_step(params, batch) -> sums {nll_sum, correct_sum, num_tokens[, num_bytes]}
+  (and rtd_loss_sum, rtd_correct_sum, rtd_tokens for the discriminator of task 'rtd').
 
   `regular_ids` = (lo, hi) marks byte tokens for bits per byte: the loss of every target counts,
   but only byte targets count as bytes (special tokens such as EOS cost bits but are not bytes).
@@ -129,6 +130,10 @@ def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
     n = metrics['num_tokens']
     sums = {'nll_sum': metrics['nll'] * n, 'correct_sum': metrics['accuracy'] * n,
             'num_tokens': n}
+    if 'rtd_tokens' in metrics:
+      r = metrics['rtd_tokens']
+      sums.update(rtd_loss_sum=metrics['rtd_loss'] * r,
+                  rtd_correct_sum=metrics['rtd_accuracy'] * r, rtd_tokens=r)
     if regular_ids is not None and task in ('lm',):
       targets, mask = tasks.targets_and_mask(task, batch)
       is_byte = (targets >= regular_ids[0]) & (targets < regular_ids[1])

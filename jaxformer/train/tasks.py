@@ -10,6 +10,12 @@ with `model.moe.load_balance_weight` and `model.moe.z_loss_weight`.
     span_corruption the seq2seq schema (T5)
     denoise         the seq2seq schema (BART)
     classification  encoder / ViT: inputs (or images), label
+    rtd             ELECTRA (replaced-token detection): the mlm schema; the generator's MLM
+                    loss on the masked positions + model.electra.disc_weight x the
+                    discriminator's sigmoid cross entropy on every non-padding token
+                    (`models/electra.py`). Metrics: loss (that sum), mlm_loss, nll and
+                    accuracy (the generator's, on masked tokens), rtd_loss, rtd_accuracy and
+                    rtd_tokens (the discriminator's), replaced (fraction of tokens replaced).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import jax.numpy as jnp
 
 from jaxformer.config import ModelConfig, check_choice
 from jaxformer.models import registry
-from jaxformer.train.losses import cross_entropy
+from jaxformer.train.losses import cross_entropy, replaced_token_detection_loss, weighted_mean
 
-TASKS = ('lm', 'mlm', 'seq2seq', 'span_corruption', 'denoise', 'classification')
+TASKS = ('lm', 'mlm', 'seq2seq', 'span_corruption', 'denoise', 'classification', 'rtd')
 SEQ2SEQ = registry.SEQ2SEQ_TASKS
 
 
@@ -81,6 +87,11 @@ def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: Loss
   """
   args, kwargs = model_inputs(task, batch)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
+  if task == 'rtd':
+    if microbatches > 1:
+      raise ValueError('data.task=rtd cannot run pipelined micro-batches (the electra family '
+                       'refuses pipeline parallelism at config time)')
+    return rtd_loss(model, batch, cfg, loss_cfg, deterministic=deterministic, **kwargs)
   out = model(*args, deterministic=deterministic, **kwargs)
   logits = out.logits
   if task == 'classification' and logits.ndim == 3:
@@ -96,12 +107,36 @@ def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: Loss
     metrics = {k: jnp.sum(v) if k == 'num_tokens' else jnp.mean(v) for k, v in per_micro.items()}
   else:
     loss, metrics = ce(logits, targets, mask=mask)
+  return _with_aux(loss, dict(metrics), out.aux, cfg)
+
+
+def _with_aux(loss, metrics: dict, aux: dict, cfg: ModelConfig):
+  """Adds the weighted MoE auxiliary losses -> (total loss, float32 metrics)."""
   total = loss
   for name, weight in (('load_balance_loss', cfg.moe.load_balance_weight),
                        ('router_z_loss', cfg.moe.z_loss_weight)):
-    if name in out.aux:
-      total = total + weight * out.aux[name]
-      metrics[name] = out.aux[name].astype(jnp.float32)
-  metrics = dict(metrics)
+    if name in aux:
+      total = total + weight * aux[name]
+      metrics[name] = aux[name].astype(jnp.float32)
   metrics['total_loss'] = total
   return total, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+def rtd_loss(model, batch: dict, cfg: ModelConfig, loss_cfg: LossConfig, *, deterministic: bool,
+             segment_ids=None, token_types=None):
+  """ELECTRA's objective on an mlm batch -> (total loss, metrics); see the module docstring."""
+  out = model.replaced_token_detection(batch['inputs'], batch['targets'], batch['loss_mask'],
+                                       segment_ids=segment_ids, token_types=token_types,
+                                       deterministic=deterministic)
+  targets, masked = targets_and_mask('mlm', batch)
+  mlm, metrics = cross_entropy(out.generator_logits, targets, mask=masked,
+                               label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+  tokens = (jnp.ones(targets.shape, jnp.float32) if segment_ids is None
+            else (segment_ids != 0).astype(jnp.float32))
+  rtd, rtd_metrics = replaced_token_detection_loss(out.discriminator_logits, out.replaced,
+                                                   mask=tokens)
+  loss = mlm + cfg.electra.disc_weight * rtd
+  metrics = dict(metrics, loss=loss, mlm_loss=mlm, rtd_loss=rtd,
+                 rtd_accuracy=rtd_metrics['accuracy'], rtd_tokens=rtd_metrics['num_tokens'],
+                 replaced=weighted_mean(out.replaced.astype(jnp.float32), tokens))
+  return _with_aux(loss, metrics, out.aux, cfg)

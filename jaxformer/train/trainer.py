@@ -258,6 +258,9 @@ class Trainer:
       out['perplexity'] = math.exp(min(out['loss'], 50.0))
     if totals.get('num_bytes'):
       out['bits_per_byte'] = totals['nll_sum'] / math.log(2) / totals['num_bytes']
+    if 'rtd_tokens' in totals:  # ELECTRA: loss / accuracy above are the generator's MLM
+      r = max(totals['rtd_tokens'], 1.0)
+      out.update(rtd_loss=totals['rtd_loss_sum'] / r, rtd_accuracy=totals['rtd_correct_sum'] / r)
     if counts:
       out.update(batches=read, tokens=int(totals.get('num_tokens', 0)), whole_split=whole)
     return out

@@ -155,6 +155,19 @@ def test_mlm_masks_change_every_epoch(make_cfg, splits):
   assert 0.08 < rate < 0.22
 
 
+def test_rtd_batches_have_the_mlm_schema_with_electra_masking(make_cfg, splits):
+  cfg = make_cfg(name='synthetic_seq2seq/copy', task='rtd', seq_len=40, packing='none',
+                 features={'text': 'inputs'}, builder_config=splits)
+  it = make_pipeline(cfg, 'test', batch_size=40, shuffle=False, num_epochs=1)
+  b = next(it)
+  assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'}
+  sel = b['loss_mask'] > 0
+  assert (b['inputs'][~sel] == b['targets'][~sel]).all()
+  masked = b['inputs'][sel] == it.tokenizer.mask_id
+  assert (b['inputs'][sel][~masked] == b['targets'][sel][~masked]).all()  # no random tokens
+  assert 0.7 < masked.mean() < 0.97 and sel.sum() > 20
+
+
 def test_span_corruption_pipeline_reconstructs_the_text(make_cfg):
   cfg = make_cfg(name=STDLIB, task='span_corruption', seq_len=64)
   it = make_pipeline(cfg, 'validation', batch_size=4, shuffle=False, num_epochs=1)

@@ -38,6 +38,20 @@ def test_mlm_rates_are_15_percent_and_80_10_10():
   assert np.isin(inputs[sel & (inputs != MASK)], REGULAR).all()
 
 
+def test_electra_masking_is_85_percent_mask_and_15_unchanged():
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(4, 260, 100_000, dtype=np.int32)
+  inputs, _, selected = transforms.mlm_mask(
+      tokens, np.random.default_rng(3), mask_id=MASK, regular_ids=REGULAR,
+      eligible=np.ones(tokens.shape, bool), replace=(0.85, 0.0))
+  sel = selected.astype(bool)
+  assert _binomial_ok(sel.sum(), tokens.size, 0.15)
+  masked = inputs[sel] == MASK
+  assert _binomial_ok(masked.sum(), int(sel.sum()), 0.85)
+  np.testing.assert_array_equal(inputs[sel][~masked], tokens[sel][~masked])  # no random tokens
+  np.testing.assert_array_equal(inputs[~sel], tokens[~sel])
+
+
 def test_mlm_is_dynamic_and_seeded():
   tokens = np.arange(4, 260, dtype=np.int32)
   eligible = np.ones(tokens.shape, bool)
