@@ -416,6 +416,8 @@ _TINY = dict(vocab_size=32, d_model=16, num_layers=2, max_length=16, attention=d
 _FAMILY = {'vit': dict(image_size=8, patch_size=4, num_labels=3, max_length=5),
            'perceiver': dict(num_labels=3),
            'funnel': dict(num_decoder_layers=1, funnel=dict(block_sizes=(1, 1))),
+           'swin': dict(image_size=8, patch_size=2, num_labels=3, ffn=dict(hidden_dim=None),
+                        swin=dict(depths=(2,), window_size=2)),
            'mixtral': dict(num_layers=4, moe=dict(num_experts=2, top_k=1, every=2))}
 
 
