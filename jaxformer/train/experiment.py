@@ -252,7 +252,7 @@ class Experiment:
   def check_batch(self, batch_shards: int, batch_axes: tuple[str, ...],
                   num_processes: int) -> None:
     """The per-micro-batch examples must split evenly over the batch axes of the mesh and the
-    processes that load them."""
+    processes that load them, for evaluation's batch and every curriculum stage's."""
     for field, batch in self.batch_sizes():
       micro = batch // self.optim.grad_accum_steps
       if micro % batch_shards:

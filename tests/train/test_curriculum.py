@@ -8,12 +8,16 @@ import shutil
 import signal
 import subprocess
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from jaxformer.config import ConfigError
-from jaxformer.data.curriculum import Curriculum
+from jaxformer.data.curriculum import Curriculum, make_curriculum_pipeline
+from jaxformer.train import checkpoint as ckpt_lib
 from jaxformer.train.experiment import Experiment, default_config
 from jaxformer.train.metrics import read_metrics
 from jaxformer.train.trainer import Trainer
@@ -56,7 +60,8 @@ def test_the_curriculum_is_overridable_from_the_command_line():
     ({'curriculum': ((0, 8), (3, 16))}, r'longest stage \(16\) must be data.seq_len=32'),
     ({'curriculum': ((0, 24), (3, 32))}, r'train.curriculum\[0\].*tokens per step.*8 x 32 = '
                                          r'256.*\(0, 24, batch_size\)'),
-    ({'curriculum': ((0, 16, 0), (3, 32))}, r'train.curriculum\[0\].*batch_size must be a positive'),
+    ({'curriculum': ((0, 16, 0), (3, 32))}, r'train.curriculum\[0\].*batch_size must be a '
+                                            r'positive'),
     ({'curriculum': ((0, '16'),)}, r'train.curriculum\[0\].*all integers'),
     ({'curriculum': 16}, r'train.curriculum=16 is invalid'),
     ({'curriculum': ((0, 16, 6), (3, 32))}, r'train.curriculum\[0\] batch_size=6 .*'
@@ -95,6 +100,30 @@ def test_a_stage_batch_the_devices_cannot_split_is_refused_before_compiling(tmp_
   c = quick_config(batch_size=8, curriculum=((0, 16, 4), (3, 32)))  # 8 simulated devices
   with pytest.raises(ConfigError, match=r'train.curriculum\[0\] batch_size=4 .*8 devices'):
     Trainer(c, str(tmp_path / 'w'))
+
+
+def test_a_checkpoint_in_a_changed_stage_is_refused_and_kept(tmp_path):
+  """The refusal reaches the caller through Orbax as a DataStateError, not as an unreadable
+  checkpoint (which would be moved aside)."""
+  data = Experiment.from_config(quick_config()).data
+
+  def pipeline(spec):
+    cur = Curriculum.from_spec(spec, seq_len=32, batch_size=8)
+    return make_curriculum_pipeline(data, cur, 'train', seed=0, process_index=0,
+                                    process_count=1)
+
+  saved = pipeline(((0, 16), (2, 32)))
+  for _ in range(3):
+    next(saved)
+  state = {'w': jnp.ones((4,))}
+  with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(3, state, {'step': 3}, data=saved, force=True)
+    saved.close()
+    changed = pipeline(((0, 16), (2, 32, 16)))
+    with pytest.raises(ckpt_lib.DataStateError, match=r'curriculum stage 1 .*\(2, 32, 8\)'):
+      ckpt.restore(jax.eval_shape(lambda: state), data=changed)
+    changed.close()
+    assert ckpt.all_steps() == [3]
 
 
 def curriculum_config(steps=6):
@@ -156,3 +185,29 @@ def test_sigkill_mid_curriculum_then_rerun_is_exactly_the_uninterrupted_run(tmp_
   seq = {r['step']: r['seq_len'] for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
          if 'loss' in r}
   assert seq == {s: 16 if s <= 4 else 32 for s in range(1, steps + 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh,impl', [({'stage': 2, 'data': 4}, None),
+                                       ({'context': 2, 'data': 4}, 'ring')])
+def test_a_curriculum_under_pipeline_or_context_parallelism_logs_the_one_device_losses(
+    tmp_path, mesh, impl):
+  """Pipeline micro-batches (optim.grad_accum_steps) and ring attention's chunks of every
+  stage's shape, on 8 simulated devices."""
+  def run(name, devices=None, **parallel):
+    c = quick_config(batch_size=8, steps=4, log_every=1, checkpoint_every=100,
+                     eval_every=1000, eval_batches=0, test_batches=0,
+                     curriculum=((0, 16), (2, 32)))
+    c.optim.total_steps = 4
+    c.optim.grad_accum_steps = 2
+    c.parallel.mesh.update(parallel)
+    if impl and parallel:
+      c.model.attention.impl = impl
+    Trainer(c, str(tmp_path / name), devices=devices).run()
+    return [(r['step'], r['seq_len'], r['batch_size'], r['loss'])
+            for r in read_metrics(tmp_path / name / 'metrics.jsonl') if 'loss' in r]
+
+  one, split = run('one', jax.devices()[:1]), run('split', **mesh)
+  assert [r[:3] for r in split] == [r[:3] for r in one] == [
+      (1, 16, 16), (2, 16, 16), (3, 32, 8), (4, 32, 8)]
+  np.testing.assert_allclose([r[3] for r in split], [r[3] for r in one], rtol=1e-5)
