@@ -76,13 +76,7 @@ class TrainConfig:
   profile_steps: int = 0
   profile_start: int = 0
   compilation_cache: str = 'auto'
-  curriculum: tuple[tuple[int, ...], ...] = ()
-
-  def __post_init__(self):
-    # Config files may write lists, and config.json gives lists back: stages are tuples.
-    if isinstance(self.curriculum, (list, tuple)):
-      object.__setattr__(self, 'curriculum', tuple(
-          tuple(e) if isinstance(e, (list, tuple)) else e for e in self.curriculum))
+  curriculum: tuple[tuple[int, ...], ...] = ()  # lists (config.json) are read as tuples
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)
@@ -102,9 +96,6 @@ class TrainConfig:
       fail('train.z_loss', self.z_loss, 'must be >= 0')
     if not 0.0 < self.sample_top_p <= 1.0:
       fail('train.sample_top_p', self.sample_top_p, 'must be in (0, 1]')
-    if not isinstance(self.curriculum, tuple):
-      fail('train.curriculum', self.curriculum, 'must be a list of (start_step, seq_len) or '
-           '(start_step, seq_len, batch_size) stages, or empty')
 
 
 @dataclasses.dataclass(frozen=True)

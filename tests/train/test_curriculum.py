@@ -62,7 +62,8 @@ def test_the_curriculum_is_overridable_from_the_command_line():
                                          r'256.*\(0, 24, batch_size\)'),
     ({'curriculum': ((0, 16, 0), (3, 32))}, r'train.curriculum\[0\].*batch_size must be a '
                                             r'positive'),
-    ({'curriculum': ((0, '16'),)}, r'train.curriculum\[0\].*all integers'),
+    ({'curriculum': ((0, '16'),)}, r"train.curriculum\[0\]\[1\]='16' is invalid"),
+    ({'curriculum': ((0, 8, 16, 1), (3, 32))}, r'train.curriculum\[0\].*\(start_step, seq_len'),
     ({'curriculum': 16}, r'train.curriculum=16 is invalid'),
     ({'curriculum': ((0, 16, 6), (3, 32))}, r'train.curriculum\[0\] batch_size=6 .*'
                                             r'optim.grad_accum_steps=4'),
