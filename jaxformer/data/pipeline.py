@@ -32,7 +32,10 @@ processes see disjoint examples that together cover the split), then shuffled wi
 every epoch and reproducible. `DataIterator.get_state()` is JSON bytes that
 `set_state` restores to produce exactly the same next batches; it plugs into Orbax through
 `grain.checkpoint.CheckpointSave(item=iterator)`. With `num_epochs` set, the last partial batch
-is padded with all-zero rows (masks 0) so shapes stay static.
+is padded with all-zero rows (masks 0) so shapes stay static. `start_index` starts reading at
+that index of the shard's shuffled, repeated example stream, and `stream_position()` says where
+a pipeline has got to in that stream, so a sequence-length curriculum
+(`jaxformer.data.curriculum`) continues the stream at another row length.
 
 Prefetch: `cfg.read_threads` threads read and tokenize, `cfg.prefetch` batches are prepared
 ahead in a background thread; `cfg.worker_count > 0` moves the work into grain worker
@@ -65,6 +68,11 @@ from jaxformer.data.sources import DataUnavailableError
 TOKEN_KEYS = ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs', 'decoder_targets')
 
 
+class DataStateError(ValueError):
+  """A saved data position does not fit this run's pipeline (another batch size, row length,
+  shard count or curriculum); refused rather than read as an unreadable checkpoint."""
+
+
 def make_tokenizer(cfg: DataConfig) -> tokenizers.Tokenizer:
   """The tokenizer `cfg.tokenizer` names; SentencePiece is trained on the train split once."""
   if cfg.tokenizer == 'byte':
@@ -93,7 +101,8 @@ class DataIterator:
   """A checkpointable iterator of batches (see the module docstring for the schema)."""
 
   def __init__(self, dataset: grain.IterDataset, *, tokenizer: tokenizers.Tokenizer | None,
-               fingerprint: dict[str, Any], seq_len: int, target_len: int | None):
+               fingerprint: dict[str, Any], seq_len: int, target_len: int | None,
+               start_index: int = 0):
     self._dataset = dataset
     # The grain iterator lives in a list that a finalizer empties (at collection or at exit),
     # so grain's own __del__ runs while the interpreter is intact, not during teardown.
@@ -103,6 +112,7 @@ class DataIterator:
     self.vocab_size = tokenizer.vocab_size if tokenizer is not None else None
     self.seq_len = seq_len
     self.target_len = target_len
+    self.start_index = start_index
     self.fingerprint = fingerprint
 
   def __iter__(self):
@@ -118,17 +128,53 @@ class DataIterator:
   def set_state(self, state: bytes | str | Mapping[str, Any]) -> None:
     if isinstance(state, (bytes, str)):
       state = json.loads(state)
+    if 'curriculum' in state:
+      raise DataStateError(
+          'the data position was saved by a run with a sequence-length curriculum '
+          '(train.curriculum); resume it with the same train.curriculum')
     if state.get('pipeline') != self.fingerprint:
-      raise ValueError(
+      raise DataStateError(
           'the data iterator state was saved by a different pipeline: saved '
           f'{state.get("pipeline")}, this one is {self.fingerprint}')
-    self._holder[0].set_state(state['grain'])
+    self._holder[0].set_state(_grain_state(state['grain']))
+
+  def stream_position(self) -> int:
+    """Where this pipeline would read again from, in its shard's shuffled and repeated example
+    stream, to rebuild its state: the batches served so far used up every example before it,
+    and none after. With concat packing it is the first example the last row was cut from,
+    with first_fit packing the first example of the packing window being emitted, unpacked the
+    next example. Read from grain's iterator state (its innermost source position), which
+    covers the served batches exactly, whatever was prefetched."""
+    node = self._holder[0].get_state()
+    while isinstance(node, Mapping) and 'next_index' not in node:
+      parents = [node[k] for k in ('parent', 'parent_state') if k in node]
+      if len(parents) != 1:
+        raise RuntimeError(
+            f'cannot find the source position in the data iterator state {node!r}: grain '
+            "changed its state format, or data.worker_count > 0 (each worker has its own)")
+      node = parents[0]
+    if not isinstance(node, Mapping):
+      raise RuntimeError(f'the data iterator state has no source position: {node!r}')
+    return self.start_index + int(node['next_index'])
 
   def start_prefetch(self) -> None:
     self._holder[0].start_prefetch()
 
   def close(self) -> None:
     _release(self._holder)
+
+
+def _grain_state(state: Any) -> Any:
+  """A grain state read back from JSON, with the packers' slices as tuples again.
+
+  grain's concat packer tells "no remainder" by comparing each slice with the tuple (-1, -1);
+  JSON gives a list back, which compares unequal, so a state saved while the packer held no
+  remainder would restore reading one example too many (and every batch after it shifted).
+  """
+  if isinstance(state, Mapping):
+    return {k: ({f: tuple(s) for f, s in v.items()} if k == 'remainder_slices'
+                else _grain_state(v)) for k, v in state.items()}
+  return state
 
 
 def _release(holder: list) -> None:
@@ -362,7 +408,7 @@ def _check_ids(vocab_size: int) -> Callable:
 def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int | None = None,
                   seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                   tokenizer: tokenizers.Tokenizer | None = None, shuffle: bool = True,
-                  num_epochs: int | None = None) -> DataIterator:
+                  num_epochs: int | None = None, start_index: int = 0) -> DataIterator:
   """Builds the batch iterator for one split; raises before any compilation if data is missing.
 
   Args:
@@ -375,6 +421,8 @@ def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int 
     tokenizer: overrides `make_tokenizer(cfg)`.
     shuffle: shuffle examples (reshuffled every epoch).
     num_epochs: None repeats forever (training); 1 for one evaluation pass.
+    start_index: where to start in the shard's shuffled, repeated example stream (a
+      curriculum stage continues where the previous one stopped; `stream_position`).
   """
   seq_len = seq_len or cfg.seq_len
   if batch_size <= 0:
@@ -383,6 +431,9 @@ def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int 
     raise ConfigError(f'shard_index={shard_index} is invalid: must be in [0, {shard_count})')
   if num_epochs is not None and num_epochs <= 0:
     raise ConfigError(f'num_epochs={num_epochs!r} is invalid: must be positive or None')
+  if start_index < 0 or (start_index and num_epochs is not None):
+    raise ConfigError(f'start_index={start_index!r} is invalid: must be >= 0, and 0 unless the '
+                      'stream repeats forever (num_epochs=None)')
   source, features = sources.load(cfg, split)
   feats = sources.task_features(cfg, features.keys())
   if 'answer_mask' in feats and not (tokenizer.char_level if tokenizer
@@ -410,6 +461,8 @@ def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int 
     ds = ds.shuffle(seed=_fold(seed, 'shuffle'))
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  if start_index:
+    ds = ds[start_index:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                             prefetch_buffer_size=max(4 * batch_size, 16)))
   enc = _Encoder(tok, feats)
@@ -444,6 +497,8 @@ def make_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seq_len: int 
       'task': cfg.task, 'batch_size': batch_size, 'seq_len': seq_len, 'seed': seed,
       'shard': [shard_index, shard_count], 'worker_count': cfg.worker_count,
       'vocab_size': tok.vocab_size if tok else None}
+  if start_index:  # absent at 0, so states saved before the field existed still restore
+    fingerprint['start_index'] = start_index
   return DataIterator(ds, tokenizer=tok, fingerprint=json.loads(json.dumps(fingerprint)),
-                      seq_len=seq_len, target_len=target_len)
+                      seq_len=seq_len, target_len=target_len, start_index=start_index)
 

@@ -28,13 +28,14 @@ def resolve_num_shards(cfg: DataConfig, process_count: int) -> int:
   return cfg.num_shards or process_count
 
 
-def check_shards(num_shards: int, batch_size: int, process_count: int) -> None:
+def check_shards(num_shards: int, batch_size: int, process_count: int,
+                 batch_field: str = 'train.batch_size') -> None:
   """Raises ConfigError unless the shards split over the processes and the batch over them."""
   if num_shards % process_count:
     raise ConfigError(f'data.num_shards={num_shards} is invalid: it must be a multiple of the '
                       f'number of processes ({process_count}), each process loading whole shards')
   if batch_size % num_shards:
-    raise ConfigError(f'train.batch_size={batch_size} is invalid: a batch takes the same number '
+    raise ConfigError(f'{batch_field}={batch_size} is invalid: a batch takes the same number '
                       f'of rows from each of the {num_shards} data shards (data.num_shards), so '
                       f'it must be a multiple of {num_shards}')
 
@@ -87,16 +88,23 @@ class ShardedIterator:
 
 def make_process_pipeline(cfg: DataConfig, split: str, *, batch_size: int, seed: int,
                           process_index: int, process_count: int, tokenizer=None,
-                          shuffle: bool = True, num_epochs: int | None = None
-                          ) -> ShardedIterator:
-  """This process's part of the global batches of `split` (`batch_size` is the global size)."""
+                          shuffle: bool = True, num_epochs: int | None = None,
+                          seq_len: int | None = None,
+                          start_indices: Mapping[int, int] | None = None,
+                          batch_field: str = 'train.batch_size') -> ShardedIterator:
+  """This process's part of the global batches of `split` (`batch_size` is the global size).
+
+  `seq_len` overrides `cfg.seq_len`; `start_indices` maps a shard to where it starts in its
+  example stream (a curriculum stage, `jaxformer.data.curriculum`); `batch_field` names the
+  setting a batch size that does not split over the shards came from."""
   num_shards = resolve_num_shards(cfg, process_count)
-  check_shards(num_shards, batch_size, process_count)
+  check_shards(num_shards, batch_size, process_count, batch_field)
   per = num_shards // process_count
   shards = {}
   for j in range(process_index * per, (process_index + 1) * per):
     shards[j] = make_pipeline(cfg, split, batch_size=batch_size // num_shards, seed=seed,
-                              shard_index=j, shard_count=num_shards, tokenizer=tokenizer,
-                              shuffle=shuffle, num_epochs=num_epochs)
+                              seq_len=seq_len, shard_index=j, shard_count=num_shards,
+                              tokenizer=tokenizer, shuffle=shuffle, num_epochs=num_epochs,
+                              start_index=(start_indices or {}).get(j, 0))
     tokenizer = shards[j].tokenizer
   return ShardedIterator(shards, num_shards)

@@ -222,10 +222,10 @@ def parse_layout(text: str) -> tuple[dict[str, int], str, bool]:
 CONTEXT_IMPLS = ('ring', 'context_allgather')
 
 
-def check_context(parallel: ParallelConfig, attention_impl: str, seq_len: int | None = None
-                  ) -> None:
+def check_context(parallel: ParallelConfig, attention_impl: str, seq_len: int | None = None,
+                  field: str = 'data.seq_len') -> None:
   """Refuses context parallelism with an attention impl that cannot split the sequence, and
-  (when the context size is explicit) a `seq_len` its chunks do not divide."""
+  (when the context size is explicit) a `seq_len` its chunks do not divide (named `field`)."""
   if not parallel.context_parallel:
     return
   size = parallel.axis_size('context')
@@ -235,7 +235,7 @@ def check_context(parallel: ParallelConfig, attention_impl: str, seq_len: int | 
          f'which needs a context-parallel attention: allowed values are {list(CONTEXT_IMPLS)}')
   per = 2 * size if attention_impl == 'ring' else size
   if size > 0 and seq_len is not None and seq_len % per:
-    fail('data.seq_len', seq_len,
+    fail(field, seq_len,
          f'attention impl {attention_impl!r} with parallel.mesh.context={size} needs a '
          f'multiple of {per}' + (' (each device holds two of 2 x context chunks)'
                                  if attention_impl == 'ring' else ''))

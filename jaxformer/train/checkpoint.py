@@ -47,6 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxformer.data.pipeline import DataStateError
 from jaxformer.parallel import distributed
 from jaxformer.parallel.sharding import path_str
 
@@ -65,10 +66,6 @@ class CheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint's tree or shapes differ from the state it should be restored into."""
-
-
-class DataStateError(ValueError):
-  """The checkpoint's data-iterator state does not fit this run's processes."""
 
 
 class CorruptCheckpointError(CheckpointError):

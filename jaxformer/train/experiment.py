@@ -27,6 +27,7 @@ from ml_collections import config_dict
 
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
+from jaxformer.data.curriculum import Curriculum
 from jaxformer.models.stack import layer_period
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
@@ -47,7 +48,11 @@ class TrainConfig:
   `profile_steps` > 0 writes a jax.profiler trace of that many steps into <workdir>/profile,
   from step `profile_start` (0: two steps after the start, past compilation).
   `compilation_cache`: where compiled programs are kept between starts ('auto', 'none' or a
-  directory; jaxformer/compile_cache.py)."""
+  directory; jaxformer/compile_cache.py).
+  `curriculum`: a sequence-length curriculum, stages (start_step, seq_len[, batch_size]) such
+  as ((0, 128), (1000, 512)); without a batch size a stage keeps the tokens per step of
+  batch_size x data.seq_len (jaxformer/data/curriculum.py). Empty: every step is batch_size
+  rows of data.seq_len."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -71,6 +76,7 @@ class TrainConfig:
   profile_steps: int = 0
   profile_start: int = 0
   compilation_cache: str = 'auto'
+  curriculum: tuple[tuple[int, ...], ...] = ()  # lists (config.json) are read as tuples
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)
@@ -156,15 +162,64 @@ class Experiment:
              f"must be 'none' for model.attention.kind={a.kind!r}: it cannot keep packed "
              'examples apart (it does not support segment ids), so packed rows would leak into '
              "each other; set data.packing='none'")
-    check_context(self.parallel, m.attention.impl,
-                  dcfg.seq_len if fam.context_parallel else None)
+    self.check_length('data.seq_len', dcfg.seq_len)
+    if t.curriculum:
+      self.check_curriculum()
     stages = self.parallel.axis_size('stage')
     if stages > 0:  # -1 ('the rest') is checked once the mesh is known (TrainProgram)
       self.check_pipeline(stages)
     k = self.optim.grad_accum_steps
-    if t.batch_size % k:
-      fail('train.batch_size', t.batch_size,
-           f'must be divisible by optim.grad_accum_steps={k}')
+    for field, batch in self.batch_sizes():
+      if batch % k:
+        fail(field, batch, f'must be divisible by optim.grad_accum_steps={k}')
+
+  def check_length(self, field: str, seq_len: int) -> None:
+    """Refuses a row length (data.seq_len or a curriculum stage's) the model or the mesh cannot
+    split: context-parallel chunks, Transformer-XL segments."""
+    m = self.model
+    check_context(self.parallel, m.attention.impl,
+                  seq_len if m.family_spec.context_parallel else None, field)
+    seg = m.segment_length
+    if seg and seq_len > seg and seq_len % seg:
+      fail(field, seq_len, f'model.segment_length={seg} cuts every row into segments of that '
+           'length (Transformer-XL), so a longer row must be a multiple of it')
+
+  def curriculum(self) -> Curriculum:
+    """The stages of train.curriculum; without one, a single stage of train.batch_size rows of
+    data.seq_len."""
+    t, d = self.train, self.data
+    if not t.curriculum:
+      return Curriculum.constant(d.seq_len, t.batch_size)
+    return Curriculum.from_spec(t.curriculum, seq_len=d.seq_len, batch_size=t.batch_size)
+
+  def batch_sizes(self) -> list[tuple[str, int]]:
+    """(field, batch size) of train.batch_size (evaluation's batch) and of every curriculum
+    stage."""
+    out = [('train.batch_size', self.train.batch_size)]
+    if self.train.curriculum:
+      out += [(f'train.curriculum[{i}] batch_size', s.batch_size)
+              for i, s in enumerate(self.curriculum().stages)]
+    return out
+
+  def check_curriculum(self) -> None:
+    """Refuses a curriculum this experiment cannot follow (see jaxformer/data/curriculum.py)."""
+    m, dcfg, t = self.model, self.data, self.train
+    if not m.family_spec.token_inputs:
+      fail('train.curriculum', t.curriculum,
+           f'model.family={m.family!r} does not read token sequences (e.g. it reads images), '
+           'so it has no sequence length to schedule')
+    if dcfg.worker_count:
+      fail('data.worker_count', dcfg.worker_count,
+           'must be 0 with train.curriculum: a stage continues the example stream where the '
+           "previous one stopped, read from the in-process pipeline's state (grain worker "
+           'processes each hold a part of it)')
+    stages = self.curriculum().stages
+    for i, stage in enumerate(stages):
+      self.check_length(f'train.curriculum[{i}] seq_len', stage.seq_len)
+    late = [s.start for s in stages if s.start >= t.steps]
+    if late:
+      log.warning('train.curriculum has stage(s) starting at step(s) %s, at or past '
+                  'train.steps=%d: they do not run', late, t.steps)
 
   def check_pipeline(self, stages: int) -> None:
     """Refuses what pipeline parallelism over `stages` stages cannot run (pipeline.py)."""
@@ -192,16 +247,16 @@ class Experiment:
   def check_batch(self, batch_shards: int, batch_axes: tuple[str, ...],
                   num_processes: int) -> None:
     """The per-micro-batch examples must split evenly over the batch axes of the mesh and the
-    processes that load them."""
-    micro = self.train.batch_size // self.optim.grad_accum_steps
-    if micro % batch_shards:
-      fail('train.batch_size', self.train.batch_size,
-           f'gives micro-batches of {micro} examples, which do not split over the '
-           f'{batch_shards} devices of the batch mesh axes {batch_axes}; use a multiple of '
-           f'{batch_shards * self.optim.grad_accum_steps}')
-    if self.train.batch_size % num_processes:
-      fail('train.batch_size', self.train.batch_size,
-           f'must be divisible by the number of processes ({num_processes})')
+    processes that load them, for evaluation's batch and every curriculum stage's."""
+    for field, batch in self.batch_sizes():
+      micro = batch // self.optim.grad_accum_steps
+      if micro % batch_shards:
+        fail(field, batch,
+             f'gives micro-batches of {micro} examples, which do not split over the '
+             f'{batch_shards} devices of the batch mesh axes {batch_axes}; use a multiple of '
+             f'{batch_shards * self.optim.grad_accum_steps}')
+      if batch % num_processes:
+        fail(field, batch, f'must be divisible by the number of processes ({num_processes})')
 
   def to_dict(self) -> dict[str, Any]:
     return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -240,7 +295,10 @@ def default_config(*, model: Mapping[str, Any] | None = None,
 def _overridable(x):
   """`_plain`, with every None field of a dataclass as a typed placeholder, so that
   `--config.optim.ema_decay=0.999` parses as the field's type (ConfigDict cannot override a
-  plain None)."""
+  plain None), and tuples kept as tuples (`--config.train.curriculum='((0, 64), (100, 128))'`
+  parses only into a tuple field)."""
+  if isinstance(x, tuple):
+    return tuple(_overridable(v) for v in x)
   if not dataclasses.is_dataclass(x):
     return _plain(x)
   hints = typing.get_type_hints(type(x))

@@ -29,7 +29,7 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import numpy as np
@@ -93,26 +93,37 @@ class Throughput:
   """Rates between successive calls: steps/s, tokens/s and MFU.
 
   Call it after blocking on a step's result (e.g. after `float(loss)`), otherwise asynchronous
-  dispatch makes the time meaningless. The first call only starts the clock.
+  dispatch makes the time meaningless. The first call only starts the clock. Every step is
+  `tokens_per_step` tokens of `flops_per_token` FLOPs each, unless `work(step)` gives the
+  (tokens, FLOPs or None) of the first `step` steps, for runs whose steps differ (a
+  sequence-length curriculum).
   """
 
-  def __init__(self, *, tokens_per_step: int, flops_per_token: float | None = None,
-               peak_flops: float | None = None, clock=time.perf_counter):
+  def __init__(self, *, tokens_per_step: int = 0, flops_per_token: float | None = None,
+               peak_flops: float | None = None, clock=time.perf_counter,
+               work: Callable[[int], tuple[float, float | None]] | None = None):
     self.tokens_per_step = tokens_per_step
     self.flops_per_token = flops_per_token
     self.peak_flops = peak_flops
+    self._work = work or self._constant_work
     self._clock = clock
     self._last: tuple[int, float] | None = None
+
+  def _constant_work(self, step: int) -> tuple[float, float | None]:
+    tokens = step * self.tokens_per_step
+    return tokens, None if self.flops_per_token is None else tokens * self.flops_per_token
 
   def __call__(self, step: int) -> dict[str, float]:
     now = self._clock()
     last, self._last = self._last, (step, now)
     if last is None or step <= last[0] or now <= last[1]:
       return {}
-    steps_per_s = (step - last[0]) / (now - last[1])
-    out = {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step}
-    if self.flops_per_token is not None:
-      value = mfu(out['tokens_per_s'], self.flops_per_token, self.peak_flops)
+    seconds = now - last[1]
+    (tokens0, flops0), (tokens1, flops1) = self._work(last[0]), self._work(step)
+    out = {'steps_per_s': (step - last[0]) / seconds,
+           'tokens_per_s': (tokens1 - tokens0) / seconds}
+    if flops1 is not None:
+      value = mfu((flops1 - flops0) / seconds, 1.0, self.peak_flops)
       if value is not None:
         out['mfu'] = value
     return out

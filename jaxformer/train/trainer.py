@@ -7,6 +7,10 @@ process's data shards (a missing dataset fails here), lay out the model and opti
 straight into its shardings (refusing an incompatible one) or initialise in place, write the run
 records, and only then compile the steps (`jaxformer.train.program.TrainProgram`).
 
+A sequence-length curriculum (`train.curriculum`, jaxformer/data/curriculum.py) changes the
+batch's shape at each stage: the jitted step compiles once per stage shape, when the stage
+starts, with the same shardings. `seq_len` and `batch_size` are logged with every step's metrics.
+
 The loop syncs with the host only every `train.log_every` steps (metrics, non-finite check,
 progress bar), at evaluation and at checkpoints. SIGTERM / SIGINT finish the current step, save
 a checkpoint and exit cleanly (in a multi-host job every process agrees on that step); a run
@@ -27,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer import compile_cache
+from jaxformer.data.curriculum import CurriculumIterator, make_curriculum_pipeline
 from jaxformer.data.shards import make_process_pipeline
 from jaxformer.parallel import distributed
 from jaxformer.parallel.mesh import make_mesh
@@ -119,9 +124,15 @@ class Trainer:
     exp.check_batch(self.layout.batch_shards, self.layout.batch_axes, jax.process_count())
     self.mesh = self.layout.mesh
     t = exp.train
-    self.train_iter = make_process_pipeline(
-        exp.data, exp.data.train_split, batch_size=t.batch_size, seed=t.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    self.curriculum = exp.curriculum()
+    if t.curriculum:
+      self.train_iter = make_curriculum_pipeline(
+          exp.data, self.curriculum, exp.data.train_split, seed=t.seed,
+          process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+      self.train_iter = make_process_pipeline(
+          exp.data, exp.data.train_split, batch_size=t.batch_size, seed=t.seed,
+          process_index=jax.process_index(), process_count=jax.process_count())
     self.tokenizer = self.train_iter.tokenizer
     if self.tokenizer is not None and self.tokenizer.vocab_size > exp.model.vocab_size:
       raise ConfigError(
@@ -190,7 +201,9 @@ class Trainer:
       self.state = self.program.init_state()
       return
     step, self.state, extras = restored
-    if data is not None and not self.ckpt.data_restored and extras.get('data') is not None:
+    if isinstance(data, CurriculumIterator):
+      self._restore_curriculum(step, data, extras)
+    elif data is not None and not self.ckpt.data_restored and extras.get('data') is not None:
       # Checkpoints written before data shards kept one process's state in the extras.
       if len(data.shards) != 1 or data.num_shards != 1:
         raise ckpt_lib.DataStateError(
@@ -198,6 +211,21 @@ class Trainer:
             'format); resume it with one process and data.num_shards=1')
       data.shards[0].set_state(json.dumps(extras['data']).encode())
     log.info('resumed from step %d', step)
+
+  def _restore_curriculum(self, step: int, data: CurriculumIterator, extras) -> None:
+    if self.ckpt.data_restored:
+      if data.step != step:
+        raise ckpt_lib.DataStateError(
+            f'checkpoint step {step} holds the data position of step {data.step}; it cannot '
+            'resume a sequence-length curriculum')
+      return
+    if extras.get('data') is not None:
+      raise ckpt_lib.DataStateError(
+          f'checkpoint step {step} keeps its data position in an older format, which a '
+          'sequence-length curriculum (train.curriculum) cannot resume; resume it without one')
+    log.warning('checkpoint step %d has no data position: the curriculum goes on at step %d '
+                "with its stage's pipeline from the start of the data", step, step)
+    data.seek(step)
 
   def save(self, force: bool = False) -> bool:
     step = int(self.state['step'])
@@ -300,12 +328,9 @@ class Trainer:
                                   keys=('loss', 'lr', 'tokens_per_s', 'mfu'),
                                   enabled=None if t.progress and primary else False,
                                   silent=not primary)
-    tokens_per_step = t.batch_size * exp.data.seq_len
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     throughput = metrics_lib.Throughput(
-        tokens_per_step=tokens_per_step,
-        flops_per_token=self.flops_per_token(),
-        peak_flops=None if peak is None else peak * jax.device_count())
+        work=self.work, peak_flops=None if peak is None else peak * jax.device_count())
     schedule = optim_lib.schedules.make_schedule(exp.optim)
     pending: list[dict[str, jax.Array]] = []
     result: dict[str, Any] = {'start_step': start}
@@ -371,6 +396,8 @@ class Trainer:
             f'{self._last_good()}.')
     self._check_finite(step)
     scalars['lr'] = float(schedule(step - 1)) if callable(schedule) else float(schedule)
+    stage = self.curriculum.at(step - 1)  # the shape of the last logged step's batch
+    scalars['seq_len'], scalars['batch_size'] = float(stage.seq_len), float(stage.batch_size)
     scalars['skipped_steps'] = float(int(optim_lib.num_skipped(self.state['opt_state'])))
     scalars.update(throughput(step))
     if 'nll' in scalars:
@@ -379,13 +406,26 @@ class Trainer:
     bar.update(step, scalars)
     return scalars
 
-  def flops_per_token(self) -> float | None:
+  def flops_per_token(self, seq_len: int | None = None) -> float | None:
+    """Training FLOPs per token of rows of `seq_len` (default data.seq_len); None for models
+    the estimate does not cover."""
     m = self.exp.model
     if not m.family_spec.transformer_flops:
       return None
     non_embed = self.num_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return metrics_lib.model_flops_per_token(non_embed, m.num_layers, m.d_model,
-                                             self.exp.data.seq_len)
+                                             seq_len or self.exp.data.seq_len)
+
+  def work(self, step: int) -> tuple[int, float | None]:
+    """(token positions, model FLOPs) of the first `step` steps, stage by stage."""
+    stages = self.curriculum.stages
+    tokens, flops = 0, 0.0
+    for stage, end in zip(stages, [s.start for s in stages[1:]] + [step]):
+      n = stage.tokens * max(0, min(end, step) - stage.start)
+      per = self.flops_per_token(stage.seq_len)
+      tokens += n
+      flops = None if per is None or flops is None else flops + n * per
+    return tokens, flops
 
   # ---------------------------------------------------------------- sampling
   def model(self) -> nnx.Module:
