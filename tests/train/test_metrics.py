@@ -132,7 +132,11 @@ def test_progress_without_tty_prints_a_line_per_log_interval():
   ]
 
 
-def test_progress_bar_on_a_tty_shows_step_and_metrics():
+def test_progress_bar_on_a_tty_shows_step_and_metrics(monkeypatch):
+  # The bar also needs a wide enough terminal; shutil reads COLUMNS first, so the test does not
+  # depend on the terminal (or its absence) of the machine that runs it.
+  monkeypatch.setenv('COLUMNS', '120')
+
   class Tty(io.StringIO):
 
     def isatty(self):
