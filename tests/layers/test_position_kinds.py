@@ -27,7 +27,8 @@ def tiny(kind, **kw):
   return family('llama', **{**over, **kw})
 
 
-def _forward(model, tokens, positions, cache=None):
+def forward(model, tokens, positions, cache=None):
+  # Eager: the primitives compiled for one kind serve the next (cheaper than a jit per kind).
   out = model(tokens, positions=positions, cache=cache)
   return out.logits, out.cache
 
@@ -35,7 +36,6 @@ def _forward(model, tokens, positions, cache=None):
 @pytest.mark.parametrize('kind', KINDS)
 def test_cached_decoding_and_shift_invariance(kind):
   model = build_model(tiny(kind), seed=0)
-  forward = _forward  # eager: the primitives compiled for one kind serve the next
   toks = jax.random.randint(jax.random.key(1), (2, T), 0, 31)
   pos = jnp.broadcast_to(jnp.arange(T)[None], (2, T))
   full, _ = forward(model, toks, pos)
