@@ -24,7 +24,8 @@ Declared facts the rest of the code asks for:
   `shift_invariant`     attention depends on positions only through t - s, so shifting every
                         position by a constant changes nothing (tested for every kind).
   `acts_in_attention()` whether any stack or attention hook is implemented (families whose
-                        attention has no positions, such as the Perceiver's latents, refuse it).
+                        attention has no positions, such as the Perceiver's latents or a stack
+                        of Mamba layers alone, accept only `embedding_only()` kinds).
   `validate(cfg)`       per-kind checks of `model.position.*`, run by `ModelConfig.validate`.
 
 Every hook takes explicit positions (the new tokens' positions when decoding, the cache slots'
@@ -129,6 +130,11 @@ def lookup(name: str) -> type[PositionKind]:
   if name not in _REGISTRY:
     raise ConfigError(f'model.position.kind={name!r} is invalid: allowed values are {kinds()}')
   return _REGISTRY[name]
+
+
+def embedding_only() -> list[str]:
+  """The kinds that act at the embedding alone (for stacks whose layers have no attention)."""
+  return [k for k in kinds() if not lookup(k).acts_in_attention()]
 
 
 def of(cfg: ModelConfig, *, cross: bool = False) -> PositionKind:

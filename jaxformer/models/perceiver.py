@@ -85,11 +85,10 @@ class Perceiver(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pc = cfg.perceiver
     if position_registry.lookup(cfg.position.kind).acts_in_attention():
-      allowed = [k for k in position_registry.kinds()
-                 if not position_registry.lookup(k).acts_in_attention()]
       raise ConfigError(f'model.position.kind={cfg.position.kind!r} is invalid for '
-                        f"model.family='perceiver': allowed values are {allowed} (positions are "
-                        'added to the inputs; latents have none)')
+                        "model.family='perceiver': allowed values are "
+                        f'{position_registry.embedding_only()} (positions are added to the '
+                        'inputs; latents have none)')
     if not cfg.num_labels:
       raise ConfigError("model.num_labels=0 is invalid for model.family='perceiver': it is a "
                         'classifier and needs the number of classes')
