@@ -63,7 +63,6 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 NORMS = ('layernorm', 'rmsnorm', 'scalenorm')
 NORM_POSITIONS = ('pre', 'post', 'sandwich')
 ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'tanh')
-POSITIONS = ('none', 'sinusoidal', 'learned', 'shaw', 't5', 'rope', 'alibi')
 ROPE_SCALINGS = ('none', 'linear', 'ntk')
 ROUTERS = ('topk', 'switch', 'hash', 'soft')
 # How routed tokens reach their experts (jaxformer.layers.moe_dispatch); 'auto' is the router's
@@ -105,7 +104,8 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PositionConfig:
-  """Position information (CATALOG C1-C7).
+  """Position information (CATALOG C1-C7); `kind` selects an entry of
+  `jaxformer.layers.position_registry`, which also validates the kind's own fields.
 
   sinusoidal / learned are added to the embeddings; rope rotates q and k; alibi and t5 are an
   additive attention bias computed once per stack; shaw adds clipped relative key/value
@@ -444,12 +444,14 @@ class ModelConfig:
 
   # ---------------------------------------------------------------- validation
   def validate(self) -> None:
+    # The position kinds register in modules that import flax: asked for here, not at import.
+    from jaxformer.layers import position_registry
     a, p = self.attention, self.position
     fam = self.family_spec  # raises, naming the registered families, if unknown
     check_choice('model.norm', self.norm, NORMS)
     check_choice('model.norm_position', self.norm_position, NORM_POSITIONS)
     check_choice('model.ffn.activation', self.ffn.activation, ACTIVATIONS)
-    check_choice('model.position.kind', p.kind, POSITIONS)
+    check_choice('model.position.kind', p.kind, position_registry.kinds())
     check_choice('model.position.rope_scaling', p.rope_scaling, ROPE_SCALINGS)
     check_choice('model.moe.router', self.moe.router, ROUTERS)
     check_choice('model.moe.dispatch', self.moe.dispatch, DISPATCHES)
@@ -482,19 +484,7 @@ class ModelConfig:
     for name in ('embed_dropout', 'residual_dropout', 'drop_path'):
       if not 0.0 <= getattr(self, name) < 1.0:
         fail(f'model.{name}', getattr(self, name), 'must be in [0, 1)')
-    if p.kind == 'rope':
-      rot = int(self.head_dim * p.rotary_fraction)
-      if not 0.0 < p.rotary_fraction <= 1.0:
-        fail('model.position.rotary_fraction', p.rotary_fraction, 'must be in (0, 1]')
-      if rot % 2:
-        fail('model.position.rotary_fraction', p.rotary_fraction,
-             f'gives an odd rotary dimension {rot} (head_dim={self.head_dim}); RoPE rotates '
-             'pairs, so head_dim * rotary_fraction must be even')
-      if p.rope_scaling != 'none' and p.rope_scaling_factor < 1.0:
-        fail('model.position.rope_scaling_factor', p.rope_scaling_factor, 'must be >= 1')
-    if p.kind == 'learned' and p.max_length < self.max_length:
-      fail('model.position.max_length', p.max_length,
-           f'must be >= model.max_length={self.max_length} for a learned position table')
+    position_registry.lookup(p.kind).validate(self)
     m = self.moe
     if m.num_experts < 0:
       fail('model.moe.num_experts', m.num_experts, 'must be >= 0 (0 disables MoE)')

@@ -5,8 +5,10 @@
 Shapes: B batch, T query length, S key length, D model dim, N query heads, K kv heads
 (MHA K = N, GQA 1 < K < N, MQA K = 1), H head dim. Weights: W^Q [D, N, H], W^K / W^V [D, K, H],
 W^O [N, H, D]. The core (`cfg.attention.kind` / `impl`) comes from the registry, so every block
-takes every kind. Optional: QK-norm (RMSNorm over H on q and k, Dehghani et al. 2023), RoPE or
-Shaw relative positions in self-attention, an additive bias (ALiBi, T5) given by the caller.
+takes every kind. Optional: QK-norm (RMSNorm over H on q and k, Dehghani et al. 2023); the
+position kind's attention hooks in self-attention (jaxformer/layers/position_registry.py: RoPE's
+`rotate` of q and k, Shaw's `attention_terms`, whose tables live under the kind's name); an
+additive bias (ALiBi, T5) given by the caller.
 
 KV cache (explicit and functional, a dict pytree that works under jit and scan):
   self-attention  {'k', 'v': [B, S, K, H], 'segment_ids': [B, S] int32 (0 = empty slot),
@@ -21,7 +23,6 @@ left-padded batched prompts pass per-row `mask.q_positions` and `mask.q_segment_
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,7 @@ from flax.core import FrozenDict
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import base
-from jaxformer.layers import positions as pos_lib
+from jaxformer.layers import base, position_registry
 from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
@@ -53,7 +53,7 @@ class _HeadRMSNorm(nnx.Module):
 
 def needed_features(cfg: ModelConfig, *, cross: bool, causal: bool) -> set[str]:
   """The registry features an attention layer of this model asks its core for."""
-  a, kind = cfg.attention, cfg.position.kind
+  a = cfg.attention
   needed = {'padding'}
   if causal:
     needed.add('causal')
@@ -62,10 +62,7 @@ def needed_features(cfg: ModelConfig, *, cross: bool, causal: bool) -> set[str]:
   else:
     if a.window is not None:
       needed.add('window')
-    if kind in ('alibi', 't5'):
-      needed.add('bias')
-    if kind == 'shaw':
-      needed.add('shaw')
+    needed |= position_registry.lookup(cfg.position.kind).attention_features
   if a.logit_softcap is not None:
     needed.add('softcap')
   if a.dropout > 0.0:
@@ -91,11 +88,11 @@ class Attention(nnx.Module):
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     needed = needed_features(cfg, cross=cross, causal=causal)
     a = registry.resolve(a, needed, cfg.compute_dtype)  # impl 'auto' -> a concrete impl
-    self.attention_cfg, self.position_cfg = a, cfg.position
+    self.attention_cfg = a
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
     self.cross, self.causal = cross, causal
     self.window = None if cross else a.window
-    self.position_kind = 'none' if cross else cfg.position.kind
+    self.position = position_registry.of(cfg, cross=cross)
     self.scale = a.scale if a.scale is not None else h ** -0.5
     self.dtype, pdt = cfg.compute_dtype, cfg.params_dtype
 
@@ -128,11 +125,13 @@ class Attention(nnx.Module):
       self.k_norm = _HeadRMSNorm(h, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
     else:
       self.q_norm = self.k_norm = None
-    if self.position_kind == 'shaw':
-      self.shaw = pos_lib.ShawRelative(cfg.position.shaw_max_relative, h, rngs=rngs,
-                                       init=base.normal_init(cfg.init_std), param_dtype=pdt)
-    else:
-      self.shaw = None
+    # The kind's per-layer parameters live under its name (`shaw.key_table`).
+    if hasattr(self, self.position.name):
+      raise ValueError(f'position kind {self.position.name!r} clashes with an attribute of '
+                       'Attention; register it under another name')
+    position_params = self.position.attention_params(rngs=rngs)
+    if position_params is not None:
+      setattr(self, self.position.name, position_params)
     if a.dropout > 0.0:
       try:
         self.dropout_rngs = rngs['dropout'].fork()
@@ -230,10 +229,8 @@ class Attention(nnx.Module):
         qpos = mask.q_positions
         if qpos is None:
           qpos = (index + jnp.arange(t, dtype=jnp.int32))[None]
-      if self.position_kind == 'rope':
-        q = pos_lib.apply_rope(q, qpos, self.position_cfg, self.head_dim)
-        k = pos_lib.apply_rope(k, qpos if cache is not None else kpos, self.position_cfg,
-                               self.head_dim)
+      q = self.position.rotate(q, qpos)
+      k = self.position.rotate(k, qpos if cache is not None else kpos)
       if cache is not None and 'core' in cache:
         return self._stateful_step(q, k, v, mask, qpos, cache)
       if cache is not None:
@@ -246,11 +243,12 @@ class Attention(nnx.Module):
     if callable(bias) and not getattr(self.core, 'takes_relative_bias', False):
       bias = bias(qpos, kpos)  # such cores evaluate it block by block
     extra = {}
-    if self.shaw is not None:
-      index = self.shaw.index(qpos, kpos)
-      key_term = self.scale * self.shaw.key_logits(q, index)
+    key_term, value_bias_fn = self.position.attention_terms(
+        getattr(self, self.position.name, None), q, qpos, kpos, self.scale)
+    if key_term is not None:
       bias = key_term if bias is None else bias + key_term
-      extra['value_bias_fn'] = functools.partial(self.shaw.value_term, index=index)
+    if value_bias_fn is not None:
+      extra['value_bias_fn'] = value_bias_fn
     rng = None
     if not deterministic and self.dropout_rngs is not None:
       rng = self.dropout_rngs()

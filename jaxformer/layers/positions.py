@@ -20,10 +20,14 @@ KV-cached decoding and left-padded prompts use the same code as training.
 - C6 ALiBi (Press et al. 2022): bias -m_n |t - s| with the geometric slopes of BLOOM's
     `build_alibi_tensor` (also for head counts that are not powers of two).
 - C7 NoPE is the absence of all of the above.
+
+Each kind is a `PositionKind` registered under its `model.position.kind` name at the end of its
+section; the hooks and how the models call them are in jaxformer/layers/position_registry.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxformer.config import PositionConfig
+from jaxformer.config import ModelConfig, PositionConfig, fail
 from jaxformer.layers import base
+from jaxformer.layers.position_registry import PositionKind, register
 
 
 # ------------------------------------------------------------------ C1 sinusoidal
@@ -56,6 +61,22 @@ def sinusoidal(positions: jax.Array, dim: int, *, max_timescale: float = 10000.0
 def sinusoidal_table(length: int, dim: int, **kw) -> jax.Array:
   """The [length, dim] table PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(...)."""
   return sinusoidal(jnp.arange(length), dim, **kw)
+
+
+@register('sinusoidal')
+class Sinusoidal(PositionKind):
+  """Adds PE(pos) to the token embeddings; no parameters."""
+
+  @classmethod
+  def validate(cls, cfg: ModelConfig) -> None:
+    # The table is added to the token embeddings, at their width (embed_dim, else d_model).
+    field = 'model.embed_dim' if cfg.embed_dim is not None else 'model.d_model'
+    if cfg.embed_width % 2:
+      fail(field, cfg.embed_width, "must be even for model.position.kind='sinusoidal' "
+           '(sine and cosine channels come in pairs)')
+
+  def embed(self, params, positions):
+    return sinusoidal(positions, self.cfg.embed_width)
 
 
 # ------------------------------------------------------------------ C2 learned
@@ -85,6 +106,26 @@ class LearnedPositions(nnx.Module):
             'model.position.max_length (and model.max_length)')
     rows = jnp.where(positions < 0, self.table.shape[0], positions + self.offset)
     return jnp.take(self.table[...], rows, axis=0, mode='fill', fill_value=jnp.nan)
+
+
+@register('learned')
+class Learned(PositionKind):
+  """Adds a learned row per position (`TokenEmbedder.positions.table`) to the token embeddings."""
+
+  @classmethod
+  def validate(cls, cfg: ModelConfig) -> None:
+    if cfg.position.max_length < cfg.max_length:
+      fail('model.position.max_length', cfg.position.max_length,
+           f'must be >= model.max_length={cfg.max_length} for a learned position table')
+
+  def embedding_params(self, *, rngs):
+    cfg = self.cfg
+    return LearnedPositions(cfg.position.max_length, cfg.embed_width,
+                            offset=cfg.position.offset, init=base.normal_init(cfg.init_std),
+                            param_dtype=cfg.params_dtype, rngs=rngs)
+
+  def embed(self, params, positions):
+    return params(positions)
 
 
 # ------------------------------------------------------------------ C3 Shaw
@@ -126,6 +167,24 @@ class ShawRelative(nnx.Module):
                             2 * self.max_relative + 1, dtype=jnp.float32)
     per_bucket = jnp.einsum('BNTS,BTSR->BNTR', probs.astype(jnp.float32), onehot)
     return jnp.einsum('BNTR,RH->BTNH', per_bucket, self.value_table[...].astype(jnp.float32))
+
+
+@register('shaw')
+class Shaw(PositionKind):
+  """Relative key and value tables in every self-attention layer (`self_attn.shaw`)."""
+  attention_features = frozenset({'shaw'})
+  shift_invariant = True
+
+  def attention_params(self, *, rngs):
+    cfg = self.cfg
+    return ShawRelative(cfg.position.shaw_max_relative, cfg.head_dim, rngs=rngs,
+                        init=base.normal_init(cfg.init_std), param_dtype=cfg.params_dtype)
+
+  def attention_terms(self, params, q, q_positions, kv_positions, scale):
+    """scale * q_i . a^K_ij added to the logits; the value term sum_j p_ij a^V_ij."""
+    index = params.index(q_positions, kv_positions)
+    return (scale * params.key_logits(q, index),
+            functools.partial(params.value_term, index=index))
 
 
 # ------------------------------------------------------------------ C4 T5
@@ -211,6 +270,22 @@ class T5RelativeBias(nnx.Module):
     return self.relative()(q_positions, kv_positions)
 
 
+@register('t5')
+class T5(PositionKind):
+  """One bucket table per stack (`position_bias.embedding`), shared by its layers as in T5;
+  bidirectional buckets in an encoder, one-sided in a causal stack."""
+  attention_features = frozenset({'bias'})
+  shift_invariant = True
+
+  def stack_params(self, *, causal: bool, rngs):
+    pc = self.cfg.position
+    return T5RelativeBias(pc.num_buckets, pc.max_distance, self.cfg.num_heads,
+                          bidirectional=not causal, rngs=rngs)
+
+  def stack_bias(self, params):
+    return params.relative()
+
+
 # ------------------------------------------------------------------ C5 RoPE
 def rotary_dim(cfg: PositionConfig, head_dim: int) -> int:
   return int(head_dim * cfg.rotary_fraction)
@@ -246,6 +321,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: PositionConfig,
   return jnp.concatenate([out.astype(x.dtype), x[..., rot:]], axis=-1)
 
 
+@register('rope')
+class Rope(PositionKind):
+  """Rotates q and k in every self-attention layer (k before it enters the KV cache)."""
+  shift_invariant = True
+
+  @classmethod
+  def validate(cls, cfg: ModelConfig) -> None:
+    p = cfg.position
+    rot = int(cfg.head_dim * p.rotary_fraction)
+    if not 0.0 < p.rotary_fraction <= 1.0:
+      fail('model.position.rotary_fraction', p.rotary_fraction, 'must be in (0, 1]')
+    if rot % 2:
+      fail('model.position.rotary_fraction', p.rotary_fraction,
+           f'gives an odd rotary dimension {rot} (head_dim={cfg.head_dim}); RoPE rotates '
+           'pairs, so head_dim * rotary_fraction must be even')
+    if p.rope_scaling != 'none' and p.rope_scaling_factor < 1.0:
+      fail('model.position.rope_scaling_factor', p.rope_scaling_factor, 'must be >= 1')
+
+  def rotate(self, x, positions):
+    return apply_rope(x, positions, self.cfg.position, self.cfg.head_dim)
+
+
 # ------------------------------------------------------------------ C6 ALiBi
 def alibi_slopes(num_heads: int) -> np.ndarray:
   """Per-head slopes [N] as in BLOOM's `build_alibi_tensor` (float64 numpy)."""
@@ -267,3 +364,21 @@ def alibi_bias(q_positions: jax.Array, kv_positions: jax.Array, num_heads: int) 
   the usual bidirectional (encoder) extension.
   """
   return alibi(num_heads)(q_positions, kv_positions)
+
+
+@register('alibi')
+class ALiBi(PositionKind):
+  """Fixed per-head slopes, one bias for the whole stack; no parameters."""
+  attention_features = frozenset({'bias'})
+  shift_invariant = True
+
+  def stack_bias(self, params):
+    return alibi(self.cfg.num_heads)
+
+
+# ------------------------------------------------------------------ C7 NoPE
+@register('none')
+class NoPositions(PositionKind):
+  """NoPE (Kazemnejad et al. 2023): no position information; causal masking alone orders
+  tokens, a bidirectional stack sees a bag of tokens."""
+  shift_invariant = True

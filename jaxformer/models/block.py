@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.attention import Attention, AttentionMask
 from jaxformer.config import ModelConfig, fail
+from jaxformer.layers import position_registry
 from jaxformer.layers.dropout import DropPath
 from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.mamba import Mamba
@@ -54,9 +55,9 @@ def check_mamba_config(cfg: ModelConfig) -> None:
   if not m.attention_every:
     why = (f' for model.family={cfg.family!r} with model.mamba.attention_every=0, which has no '
            'attention layers')
-    if cfg.position.kind not in ('none', 'learned', 'sinusoidal'):
+    if position_registry.lookup(cfg.position.kind).acts_in_attention():
       fail('model.position.kind', cfg.position.kind,
-           f"must be 'none', 'learned' or 'sinusoidal'{why} to apply it")
+           f'must be one of {position_registry.embedding_only()}{why} to apply it')
     if cfg.attention.kind != 'dot_product' or cfg.attention.impl not in ('xla', 'auto'):
       fail('model.attention.kind', cfg.attention.kind,
            f"must be 'dot_product' with impl 'xla' or 'auto'{why} to use it")

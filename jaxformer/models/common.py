@@ -1,10 +1,11 @@
 """Input embedding and output head shared by every token model family (CATALOG C1, C2, D6).
 
 TokenEmbedder: x = norm(scale * E[ids] + P[pos] + T[types]) then dropout, where the scale is
-sqrt(D) when `model.embed_scale` (Vaswani et al.), P is sinusoidal or learned (with an id offset
-for BART / RoBERTa) and the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`).
-The tables and the norm have width `model.embed_width` (`embed_dim`, else D); a family with
-`embed_projection` maps a different width to D itself (ELECTRA).
+sqrt(D) when `model.embed_scale` (Vaswani et al.), P is the position kind's `embed` hook
+(sinusoidal, or learned with an id offset for BART / RoBERTa; nothing for relative kinds) and
+the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`). The tables and the norm
+have width `model.embed_width` (`embed_dim`, else D); a family with `embed_projection` maps a
+different width to D itself (ELECTRA).
 
 LMHead: logits = softcap(scale * h E^T + b) with E tied to the input embedding, or an untied
 projection; T5 scales by D^-0.5 when tied (`model.logits_scale`).
@@ -18,8 +19,8 @@ from flax import nnx, struct
 
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import positions as pos_lib
-from jaxformer.layers.base import check_token_ids, normal_init, param, tag_params, zeros
+from jaxformer.layers import position_registry
+from jaxformer.layers.base import check_token_ids, param, tag_params, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
 from jaxformer.parallel import rules as R
@@ -68,13 +69,8 @@ class TokenEmbedder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, embed: Embed | None = None, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = embed if embed is not None else make_embed(cfg, rngs=rngs)
-    pc = cfg.position
-    if pc.kind == 'learned':
-      self.positions = pos_lib.LearnedPositions(pc.max_length, cfg.embed_width, offset=pc.offset,
-                                                init=normal_init(cfg.init_std),
-                                                param_dtype=cfg.params_dtype, rngs=rngs)
-    else:
-      self.positions = None
+    self.position = position_registry.of(cfg)
+    self.positions = self.position.embedding_params(rngs=rngs)  # the learned table, or None
     self.token_types = (Embed(cfg.type_vocab_size, cfg.embed_width, init_std=cfg.init_std,
                               param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype,
                               ids_name='token type ids', rngs=rngs)
@@ -88,11 +84,9 @@ class TokenEmbedder(nnx.Module):
     cfg = self.cfg
     check_token_ids(ids, cfg.vocab_size, 'input token ids')
     x = self.embed(ids).astype(cfg.compute_dtype)  # scaled by sqrt(D) when model.embed_scale
-    kind = cfg.position.kind
-    if kind == 'learned':
-      x = x + self.positions(positions).astype(x.dtype)
-    elif kind == 'sinusoidal':
-      x = x + pos_lib.sinusoidal(positions, cfg.embed_width).astype(x.dtype)
+    absolute = self.position.embed(self.positions, positions)
+    if absolute is not None:
+      x = x + absolute.astype(x.dtype)
     if self.token_types is not None:
       tt = jnp.zeros_like(ids) if token_types is None else token_types
       x = x + self.token_types(tt).astype(x.dtype)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from jaxformer.attention import Attention, AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.layers import position_registry
 from jaxformer.layers.base import make_init, normal_init, param, zeros
 from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.norms import make_norm
@@ -83,10 +84,11 @@ class Perceiver(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pc = cfg.perceiver
-    if cfg.position.kind not in ('learned', 'sinusoidal', 'none'):
+    if position_registry.lookup(cfg.position.kind).acts_in_attention():
       raise ConfigError(f'model.position.kind={cfg.position.kind!r} is invalid for '
-                        "model.family='perceiver': allowed values are ['learned', 'none', "
-                        "'sinusoidal'] (positions are added to the inputs; latents have none)")
+                        "model.family='perceiver': allowed values are "
+                        f'{position_registry.embedding_only()} (positions are added to the '
+                        'inputs; latents have none)')
     if not cfg.num_labels:
       raise ConfigError("model.num_labels=0 is invalid for model.family='perceiver': it is a "
                         'classifier and needs the number of classes')

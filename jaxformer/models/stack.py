@@ -22,9 +22,10 @@ FFN branches instead of calling the body; `pipeline` (when the active layout car
 into stages and runs micro-batches through them, each stage scanning its groups. `model.remat`
 wraps the body before any strategy sees it.
 
-Position information that is a bias over (query, key) positions (ALiBi, T5 buckets) is computed
-once per stack and shared by all layers, as in T5 and ALiBi; a core that evaluates it block by
-block (ring attention) gets the `RelativeBias` function instead of the dense array.
+Position information that is a bias over (query, key) positions (ALiBi, T5 buckets: the position
+kind's `stack_params` / `stack_bias` hooks) is computed once per stack and shared by all layers,
+as in T5 and ALiBi; a core that evaluates it block by block (ring attention) gets the
+`RelativeBias` function instead of the dense array.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from flax import nnx
 
 from jaxformer.attention import AttentionMask, registry
 from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.layers import position_registry
 from jaxformer.layers import positions as pos_lib
 from jaxformer.layers.base import tag_params
 from jaxformer.models import reversible
@@ -128,24 +130,16 @@ class Stack(nnx.Module):
       return LayerGroup(cfg, causal=causal, cross=cross, rngs=rngs)
 
     self.layers = _name_stacked_scalars(create(rngs))
-    pc = cfg.position
-    if pc.kind == 't5':
-      self.position_bias = pos_lib.T5RelativeBias(
-          pc.num_buckets, pc.max_distance, cfg.num_heads, bidirectional=not causal, rngs=rngs)
-    else:
-      self.position_bias = None
+    self.position = position_registry.of(cfg)
+    self.position_bias = self.position.stack_params(causal=causal, rngs=rngs)  # T5's table
 
   # ------------------------------------------------------------------ position bias
   def bias(self, q_pos, kv_pos):
     """Additive bias [1|B, N, T, S] shared by all layers, or None. For an attention core that
     evaluates a relative bias block by block (`takes_relative_bias`: ring attention), the
     `RelativeBias` itself, which the core calls with each block's positions."""
-    kind = self.cfg.position.kind
-    if kind == 't5':
-      relative = self.position_bias.relative()
-    elif kind == 'alibi':
-      relative = pos_lib.alibi(self.cfg.num_heads)
-    else:
+    relative = self.position.stack_bias(self.position_bias)
+    if relative is None:
       return None
     a = self.cfg.attention
     if getattr(registry.lookup(a.kind, a.impl), 'takes_relative_bias', False):
