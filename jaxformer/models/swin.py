@@ -52,6 +52,7 @@ from jaxformer.layers.norms import make_norm
 from jaxformer.models.block import SubLayer
 from jaxformer.models.common import ModelOutput
 from jaxformer.models.encoder import Classifier
+from jaxformer.models.vit import embed_patches
 
 # Impls of `dot_product` that take an additive bias and segment ids on the windows. The
 # context-parallel ones split a long sequence over devices; a window is w^2 patches.
@@ -216,15 +217,7 @@ class Swin(nnx.Module):
 
   def __call__(self, images, *, deterministic: bool = True) -> ModelOutput:
     """images [B, H, W, C] -> ModelOutput (module docstring)."""
-    cfg = self.cfg
-    _, h, w, c = images.shape
-    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-      raise ValueError(f'images of shape {(h, w, c)} do not match model.image_size='
-                       f'{cfg.image_size} and model.num_channels={cfg.num_channels} (NHWC)')
-    dt = cfg.compute_dtype
-    patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)',
-                               p=cfg.patch_size, q=cfg.patch_size).astype(dt)
-    x = patches @ self.patch_w[...].astype(dt) + self.patch_b[...].astype(dt)
+    x = embed_patches(self.cfg, images, self.patch_w, self.patch_b)
     x = self.dropout(self.patch_norm(x), deterministic=deterministic)
     for stage in self.stages:
       x = stage(x, deterministic=deterministic)

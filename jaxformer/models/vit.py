@@ -26,6 +26,18 @@ def check_config(cfg: ModelConfig) -> None:
     fail('model.patch_size', cfg.patch_size, f'must divide model.image_size={cfg.image_size}')
 
 
+def embed_patches(cfg: ModelConfig, images, w, b):
+  """images [B, H, W, C] -> the projected patches [B, (H / p) (W / p), D], row by row."""
+  _, h, wd, c = images.shape
+  if (h, wd, c) != (cfg.image_size, cfg.image_size, cfg.num_channels):
+    raise ValueError(f'images of shape {(h, wd, c)} do not match model.image_size='
+                     f'{cfg.image_size} and model.num_channels={cfg.num_channels} (NHWC)')
+  dt = cfg.compute_dtype
+  patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)',
+                             p=cfg.patch_size, q=cfg.patch_size).astype(dt)
+  return patches @ w[...].astype(dt) + b[...].astype(dt)
+
+
 class ViT(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -50,14 +62,8 @@ class ViT(nnx.Module):
     """images [B, H, W, C] -> ModelOutput(logits = class logits, or hidden states without a
     classifier; pooled = pooler output)."""
     cfg = self.cfg
-    b, h, w, c = images.shape
-    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-      raise ValueError(f'images of shape {(h, w, c)} do not match model.image_size='
-                       f'{cfg.image_size} and model.num_channels={cfg.num_channels} (NHWC)')
-    dt = cfg.compute_dtype
-    patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)',
-                               p=cfg.patch_size, q=cfg.patch_size).astype(dt)
-    x = patches @ self.patch_w[...].astype(dt) + self.patch_b[...].astype(dt)
+    b, dt = images.shape[0], cfg.compute_dtype
+    x = embed_patches(cfg, images, self.patch_w, self.patch_b)
     cls = jnp.broadcast_to(self.cls[...].astype(dt), (b, 1, cfg.d_model))
     x = jnp.concatenate([cls, x], axis=1) + self.pos[...].astype(dt)[None]
     x = self.dropout(x, deterministic=deterministic)
