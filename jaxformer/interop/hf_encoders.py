@@ -27,7 +27,6 @@ normalised [CLS] state (ViTForImageClassification). Checkpoints in the v4 layout
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -238,10 +237,4 @@ _VIT_V4 = ((r'\.encoder\.layer\.(\d+)\.', r'.layers.\1.'),
 
 def vit_normalize(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames v4-layout ViT keys (`vit.encoder.layer.{l}.attention.attention.query`) to v5."""
-  out = {}
-  for k, v in sd.items():
-    if '.encoder.layer.' in k:
-      for pat, rep in _VIT_V4:
-        k = re.sub(pat, rep, k)
-    out[k] = v
-  return out
+  return R.rename_keys(sd, '.encoder.layer.', _VIT_V4)

@@ -18,6 +18,7 @@ projections need no permutation.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -173,3 +174,16 @@ def need(cfg: ModelConfig, field: str, value: Any, expected, target: str) -> Non
   if not ok:
     raise ConfigError(f'model.{field}={value!r} cannot be exported to Hugging Face {target}: '
                       f'it needs {expected!r}')
+
+
+def rename_keys(sd: Mapping[str, np.ndarray], marker: str,
+                renames: tuple[tuple[str, str], ...]) -> dict[str, np.ndarray]:
+  """Applies the regex `renames` in order to every key containing `marker` (older
+  transformers checkpoint layouts -> the current one); other keys are kept as they are."""
+  out = {}
+  for k, v in sd.items():
+    if marker in k:
+      for pat, rep in renames:
+        k = re.sub(pat, rep, k)
+    out[k] = v
+  return out

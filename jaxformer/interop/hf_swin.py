@@ -14,7 +14,6 @@ not fit its bias table); configs with a smaller map than the window are refused 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -96,10 +95,4 @@ SWIN_IGNORE = (r'\.relative_position_index$',)
 
 def swin_normalize(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames v4-layout Swin keys (`...blocks.{i}.attention.self.query`) to v5."""
-  out = {}
-  for k, v in sd.items():
-    if '.blocks.' in k:
-      for pat, rep in _SWIN_V4:
-        k = re.sub(pat, rep, k)
-    out[k] = v
-  return out
+  return R.rename_keys(sd, '.blocks.', _SWIN_V4)

@@ -108,14 +108,7 @@ class TransformerBlock(nnx.Module):
                cache=None, token_ids=None, deterministic: bool = True):
     """x [B, T, D] -> (y [B, T, D], new_cache, aux: dict of scalar losses)."""
     new_cache = {} if cache is not None else None
-
-    def self_fn(h):
-      y, c = self.self_attn(h, mask, bias=bias, cache=None if cache is None else cache['self'],
-                            deterministic=deterministic)
-      if new_cache is not None:
-        new_cache['self'] = c
-      return checkpoint_name(y, 'attention_out')
-
+    self_fn = self_attention_fn(self.self_attn, mask, bias, cache, new_cache, deterministic)
     x = constrain(self.attn_sub(x, self_fn, deterministic=deterministic), ACT)
 
     if self.cross_attn is not None:
@@ -131,6 +124,20 @@ class TransformerBlock(nnx.Module):
 
     x, aux = ffn_sublayer(self, x, mask, token_ids, deterministic)
     return x, new_cache, aux
+
+
+def self_attention_fn(attn, mask: AttentionMask, bias, cache, new_cache, deterministic: bool):
+  """h -> the self-attention output for a SubLayer; a cached call reads cache['self'] and
+  writes the layer's new KV cache into new_cache['self']."""
+
+  def fn(h):
+    y, c = attn(h, mask, bias=bias, cache=None if cache is None else cache['self'],
+                deterministic=deterministic)
+    if new_cache is not None:
+      new_cache['self'] = c
+    return checkpoint_name(y, 'attention_out')
+
+  return fn
 
 
 def ffn_sublayer(block, x, mask: AttentionMask, token_ids, deterministic: bool):

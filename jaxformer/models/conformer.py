@@ -24,14 +24,13 @@ k - 1 inputs}. Shapes: B batch, T length, D model dim.
 from __future__ import annotations
 
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.attention import Attention, AttentionMask
 from jaxformer.config import ModelConfig, fail
 from jaxformer.layers.conv import ConvModule
 from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.norms import make_norm
-from jaxformer.models.block import ACT, SubLayer
+from jaxformer.models.block import ACT, SubLayer, self_attention_fn
 from jaxformer.parallel.sharding import constrain
 
 CONV_NORMS = ('layernorm',)
@@ -106,12 +105,7 @@ class ConformerBlock(nnx.Module):
     new_cache = {} if cache is not None else None
     half_ffn = lambda ffn: lambda h: 0.5 * ffn(h, deterministic=deterministic)  # noqa: E731
 
-    def attn_fn(h):
-      y, c = self.self_attn(h, mask, bias=bias, cache=None if cache is None else cache['self'],
-                            deterministic=deterministic)
-      if new_cache is not None:
-        new_cache['self'] = c
-      return checkpoint_name(y, 'attention_out')
+    attn_fn = self_attention_fn(self.self_attn, mask, bias, cache, new_cache, deterministic)
 
     def conv_fn(h):
       y, c = self.conv(h, mask.q_segment_ids, state=None if cache is None else cache['conv'])
