@@ -7,6 +7,7 @@ A config file (`configs/*.py`) returns an `ml_collections.ConfigDict` with the s
   optim     jaxformer.train.optimizer.OptimConfig fields
   train     TrainConfig fields below
   parallel  jaxformer.parallel.config.ParallelConfig fields (mesh, preset, rules)
+  finetune  jaxformer.finetune.config.FinetuneConfig fields (init_from, method, LoRA, unfreezing)
 
 `Experiment.from_config` turns it into frozen dataclasses; every error names the dotted field
 and the allowed values, and cross-section checks (task vs family, sequence length vs the model's
@@ -28,6 +29,7 @@ from ml_collections import config_dict
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
 from jaxformer.data.curriculum import Curriculum
+from jaxformer.finetune.config import FinetuneConfig
 from jaxformer.models.stack import layer_period
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
@@ -105,11 +107,12 @@ class Experiment:
   optim: OptimConfig
   train: TrainConfig
   parallel: ParallelConfig
+  finetune: FinetuneConfig = FinetuneConfig()
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> 'Experiment':
     d = _to_plain(config)
-    allowed = {'model', 'data', 'optim', 'train', 'parallel'}
+    allowed = {'model', 'data', 'optim', 'train', 'parallel', 'finetune'}
     unknown = sorted(set(d) - allowed)
     if unknown:
       raise ConfigError(f'config: unknown section(s) {unknown}; allowed sections are '
@@ -136,8 +139,10 @@ class Experiment:
           'its final value (optim.end_lr_ratio=%g of optim.lr) for the last %d steps. Leave '
           'optim.total_steps unset to make the schedule as long as the run.',
           optim.total_steps, train.steps, optim.end_lr_ratio, train.steps - optim.total_steps)
+    finetune = _build(FinetuneConfig, d.get('finetune', {}), 'finetune')
+    finetune.validate()
     exp = cls(model=ModelConfig.from_dict(d['model']), data=DataConfig.from_dict(d['data']),
-              optim=optim, train=train, parallel=parallel)
+              optim=optim, train=train, parallel=parallel, finetune=finetune)
     exp.validate()
     return exp
 
@@ -275,7 +280,8 @@ def _plain(x):
 def default_config(*, model: Mapping[str, Any] | None = None,
                    data: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None,
                    train: Mapping[str, Any] | None = None,
-                   parallel: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+                   parallel: Mapping[str, Any] | None = None,
+                   finetune: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """A ConfigDict with every field of every section filled in (defaults, then the given values).
 
   Config files start from it so that any field can be overridden from the command line
@@ -286,6 +292,7 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'data': DataConfig.from_dict(data or {}),
       'optim': OptimConfig.from_dict(optim or {}),
       'train': _build(TrainConfig, dict(train or {}), 'train'),
+      'finetune': _build(FinetuneConfig, dict(finetune or {}), 'finetune'),
   }
   out = {k: _overridable(v) for k, v in sections.items()}
   out['parallel'] = _parallel_section(parallel)
