@@ -195,13 +195,25 @@ def _param_paths(cfg: ModelConfig) -> set[str]:
 
 
 def _new_paths(model_cfg: ModelConfig, source_cfg: ModelConfig) -> set[str]:
-  """Parameters of the experiment's model that the checkpoint's model does not have: the
-  experiment's model with the checkpoint's heads and without the added (PEFT) sections."""
+  """Parameters of the experiment's model that the checkpoint's model does not have (the
+  experiment's model with the checkpoint's heads and without the added PEFT sections), and the
+  classifier when the checkpoint's has another number of labels."""
   over = {k: getattr(source_cfg, k) for k in fit.HEAD_FIELDS}
   for name in fit.ADDED_SECTIONS:
     if hasattr(model_cfg, name):
       over[name] = type(getattr(model_cfg, name))()
-  return _param_paths(model_cfg) - _param_paths(dataclasses.replace(model_cfg, **over))
+  ours = _param_paths(model_cfg)
+  new = ours - _param_paths(dataclasses.replace(model_cfg, **over))
+  if source_cfg.num_labels != model_cfg.num_labels:
+    new |= {p for p in ours if p.split('.')[0] == 'classifier'}
+  return new
+
+
+def _canonical_paths(cfg: ModelConfig, paths: set[str]) -> dict[str, str]:
+  model = abstract_model(cfg)
+  first = {id(v): '.'.join(map(str, p)) for p, v in nnx.iter_graph(model)
+           if isinstance(v, nnx.Param)}
+  return {p: first[id(hf._resolve(model, p))] for p in paths}  # pylint: disable=protected-access
 
 
 def _put(x: np.ndarray, t: _Target) -> jax.Array:
@@ -211,6 +223,11 @@ def _put(x: np.ndarray, t: _Target) -> jax.Array:
 def _from_hf(ck: hf.Checkpoint, cfg: ModelConfig, targets: dict[str, _Target], new: set[str],
              where: str) -> dict[str, jax.Array]:
   arrays, used, missing = hf.convert(ck.rules(cfg), ck.sd)
+  # A parameter shared by two modules (T5's embedding and the decoder's) is in the state once,
+  # under the first path the graph walk meets; the rules may name it by another.
+  canonical = _canonical_paths(cfg, set(arrays) | set(missing))
+  arrays = {canonical[p]: x for p, x in arrays.items()}
+  missing = {canonical[p]: keys for p, keys in missing.items()}
   lacking = sorted(p for p in missing if p not in new)
   if lacking:
     keys = sorted({k for p in lacking for k in missing[p]})
@@ -225,13 +242,13 @@ def _from_hf(ck: hf.Checkpoint, cfg: ModelConfig, targets: dict[str, _Target], n
   if dropped:
     log.info('%s: the model has no head for %d tensor(s), which are skipped: %s', where,
              len(dropped), dropped)
+  arrays = {p: x for p, x in arrays.items() if p in targets and p not in new}
   for path, x in arrays.items():
-    if path in targets:
-      fit.check_shape(path, x.shape, targets[path].shape, targets[path].names, where)
+    fit.check_shape(path, x.shape, targets[path].shape, targets[path].names, where)
   unset = [p for p in targets if p not in arrays and p not in new]
   if unset:
     raise AssertionError(f'the {ck.model_type} rules leave parameters unset: {unset[:12]}')
-  return {p: _put(x, targets[p]) for p, x in arrays.items() if p in targets}
+  return {p: _put(x, targets[p]) for p, x in arrays.items()}
 
 
 def _from_run(src: Source, targets: dict[str, _Target], new: set[str], where: str
@@ -291,11 +308,11 @@ def _restore_params(step_dir: str, targets: dict[str, _Target], new: set[str], w
         'jaxformer.finetune.export --format=jaxformer) and start from the export')
   wanted = {}
   for path, (key, leaf) in saved.items():
-    if path in targets:
+    if path in targets and path not in new:
       t = targets[path]
       fit.check_shape(path, leaf.shape, t.shape, t.names, where)
       wanted[key] = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
-  dropped = sorted(p for p in saved if p not in targets)
+  dropped = sorted(p for p in saved if p not in targets or p in new)
   if dropped:
     log.info('%s: %d checkpoint parameter(s) are not read: %s', where, len(dropped), dropped)
   item = _nest(wanted)
