@@ -11,6 +11,8 @@ it fine-tunes on the shipped python_stdlib corpus or the synthetic tasks as they
     small: d=128, 4 layers, 4 heads (LLaMA: 2 kv heads), FFN 384, 256 positions
 
 `--num_labels=K` saves a BERT as BertForSequenceClassification (else BertForMaskedLM).
+`local_checkpoint(family, size)` is the same model in a cache folder, built on first use: the
+default `init_from` of configs/finetune_*.py.
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ def make_hf(family: str, out: str, size: str = 'tiny', *, seed: int = 0,
   model = hf_model(family, size, seed=seed, num_labels=num_labels)
   os.makedirs(out, exist_ok=True)
   model.save_pretrained(out)
+  return out
+
+
+def local_checkpoint(family: str, size: str = 'tiny') -> str:
+  """The default `finetune.init_from` of the shipped fine-tuning configs: the random
+  `hf_model(family, size)` (seed 0) saved under $JAXFORMER_CACHE (default ~/.cache/jaxformer)
+  /hf/<family>_<size>, built on first use."""
+  root = os.environ.get('JAXFORMER_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                           'jaxformer')
+  out = os.path.join(root, 'hf', f'{family}_{size}')
+  if not os.path.isfile(os.path.join(out, 'model.safetensors')):
+    make_hf(family, out, size)
   return out
 
 
