@@ -6,7 +6,7 @@
     python -m jaxformer.finetune.export --workdir=runs/finetune_full --out=runs/ft_hf --format=hf
 
 Every parameter of the imported model trains (finetune.method='full'); the model section is
-the checkpoint's own (`jaxformer.finetune.model_section`), so no size is repeated here, and a
+the checkpoint's own (`jaxformer.finetune.init_from.model_section`), so no size is repeated here, and a
 checkpoint that does not fit fails before anything is compiled. Without `init_from` the config
 builds a random GPT-2 (or `family=llama`) of the preset's size locally on first use
 (`jaxformer.finetune.make_hf.local_checkpoint`, nothing downloads). Options:
@@ -20,7 +20,9 @@ built checkpoint starts near ln(260) = 5.56 nats per byte).
 
 from jaxformer.finetune.recipes import OPTIONS, finetune_config
 
-__all__ = ['OPTIONS', 'get_config']  # OPTIONS: the presets the config tests read
+SIZES = OPTIONS['size'][1]
+
+__all__ = ['SIZES', 'get_config']  # SIZES: the presets the config tests read
 
 
 def get_config(arg: str | None = None):

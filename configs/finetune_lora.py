@@ -16,7 +16,9 @@ the adapter parameters change.
 
 from jaxformer.finetune.recipes import OPTIONS, finetune_config
 
-__all__ = ['OPTIONS', 'get_config']  # OPTIONS: the presets the config tests read
+SIZES = OPTIONS['size'][1]
+
+__all__ = ['SIZES', 'get_config']  # SIZES: the presets the config tests read
 
 
 def get_config(arg: str | None = None):

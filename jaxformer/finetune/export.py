@@ -25,13 +25,9 @@ FORMATS = ('hf', 'jaxformer')
 
 
 def merged_params(trainer) -> Any:
-  """The model's full parameters with any adapter deltas merged: the trainer core's
-  `merged_params` when it provides one, else the trained parameters as they are."""
-  try:
-    from jaxformer.train.param_plan import merged_params as merge  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return trainer.state['params']
-  return merge(trainer)
+  """The model's full parameters: LoRA updates folded into their base weights, a quantized
+  QLoRA base dequantized, frozen and trained parameters together (`Trainer.model_params`)."""
+  return trainer.model_params()
 
 
 def plain_config(exp) -> dict[str, Any]:

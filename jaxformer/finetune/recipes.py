@@ -30,8 +30,7 @@ def finetune_config(arg: str | None, *, method: str, lr: float, default_family: 
       model=model, data=stdlib_bytes('lm', seq_len=seq_len),
       optim=warmup_adamw(lr=lr, steps=steps, b2=0.99, weight_decay=0.0),
       train=cadence(batch=8, steps=steps, evals=4, eval_batches=1 if tiny else 16,
-                    test_batches=1 if tiny else 16, sample_prompt='def ', sample_tokens=0))
-  config.finetune = ml_collections.ConfigDict(dict(
-      init_from=init_from, method=method,
-      lora=dict(rank=8, alpha=16.0, targets=('wq', 'wv'), **(lora or {}))))
+                    test_batches=1 if tiny else 16, sample_prompt='def ', sample_tokens=0),
+      finetune=dict(init_from=init_from, method=method,
+                    lora=dict(rank=8, alpha=16.0, targets=('q', 'v'), **(lora or {}))))
   return config

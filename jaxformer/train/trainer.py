@@ -208,7 +208,8 @@ class Trainer:
     exp = self.exp
     abstract = nnx.state(state_lib.abstract_model(exp.model, exp.train.seed), nnx.Param)
     abstract = state_lib.abstract_with(abstract, self.layout.state_shardings(abstract))
-    params, fresh = init_from.load_initial_params(source, exp.model, abstract, self.layout)
+    params, fresh = init_from.load_initial_params(source, exp.model, abstract, self.layout,
+                                                  seed=exp.train.seed)
     log.info('initialised from %s', source)
     return params, fresh
 

@@ -5,7 +5,6 @@ and exported as a jaxformer run folder evaluates to the same loss."""
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 import transformers as T
 
 from jaxformer.cli import load_run_config
-from jaxformer.finetune import load_initial_params
 from jaxformer.finetune.export import export
 from jaxformer.finetune.make_hf import make_hf
 from jaxformer.train.experiment import load_config
@@ -24,33 +22,18 @@ STEPS = 8
 EVAL_BATCHES = 2
 
 
-def start_from_init(trainer, init_from):
-  """What the trainer core does with `finetune.init_from` and method='full': the imported
-  parameters replace the fresh ones (and the optimizer state starts on them)."""
-  program = trainer.program
-  params, fresh = load_initial_params(init_from, trainer.exp.model, program.target()['params'],
-                                      trainer.layout, seed=trainer.exp.train.seed)
-  opt_state = jax.jit(program.tx.init, out_shardings=program.opt_shardings)(params)
-  trainer.state = dict(trainer.state, params=params, opt_state=opt_state)
-  return fresh
-
-
 @pytest.mark.slow  # ~20 s on a quiet 2-core CPU (the default suite has tests/finetune/test_init_from.py)
 def test_finetune_full_improves_and_exports(tmp_path):
   hf_dir = make_hf('gpt2', str(tmp_path / 'hf_gpt2'), 'tiny')
   config = load_config(os.path.join(ROOT, 'configs', 'finetune_full.py'),
                        f'init_from={hf_dir},size=tiny')
   assert config.finetune.init_from == hf_dir and config.finetune.method == 'full'
-  init_from = config.finetune.init_from
-  # Until the trainer core reads config.finetune (issue 12), this test applies init_from.
-  del config['finetune']
   config.train.update(steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS, log_every=1,
                       eval_batches=EVAL_BATCHES, test_batches=0, progress=False,
                       async_checkpoint=False)
   config.optim.total_steps = STEPS
   workdir = str(tmp_path / 'run')
   trainer = Trainer(config, workdir)
-  assert start_from_init(trainer, init_from) == []
   split = trainer.exp.data.eval_split
   before = trainer.evaluate(split, EVAL_BATCHES)['loss']
   trainer.run()

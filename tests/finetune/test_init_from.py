@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.finetune import load_initial_params, model_section
+from jaxformer.finetune.init_from import load_initial_params, model_section
 from jaxformer.finetune.make_hf import hf_model
 from jaxformer.models import build_model
 from jaxformer.parallel.state import abstract_model
