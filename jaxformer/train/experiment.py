@@ -8,6 +8,7 @@ A config file (`configs/*.py`) returns an `ml_collections.ConfigDict` with the s
   train     TrainConfig fields below
   parallel  jaxformer.parallel.config.ParallelConfig fields (mesh, preset, rules)
   finetune  jaxformer.finetune.config.FinetuneConfig fields (init_from, method, LoRA, unfreezing)
+  compress  jaxformer.compress.config.CompressConfig fields (QAT, pruning, distillation)
 
 `Experiment.from_config` turns it into frozen dataclasses; every error names the dotted field
 and the allowed values, and cross-section checks (task vs family, sequence length vs the model's
@@ -26,6 +27,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jaxformer.compress.config import CompressConfig
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.data.config import DataConfig
 from jaxformer.data.curriculum import Curriculum
@@ -108,11 +110,12 @@ class Experiment:
   train: TrainConfig
   parallel: ParallelConfig
   finetune: FinetuneConfig = FinetuneConfig()
+  compress: CompressConfig = CompressConfig()
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> 'Experiment':
     d = _to_plain(config)
-    allowed = {'model', 'data', 'optim', 'train', 'parallel', 'finetune'}
+    allowed = {'model', 'data', 'optim', 'train', 'parallel', 'finetune', 'compress'}
     unknown = sorted(set(d) - allowed)
     if unknown:
       raise ConfigError(f'config: unknown section(s) {unknown}; allowed sections are '
@@ -141,8 +144,10 @@ class Experiment:
           optim.total_steps, train.steps, optim.end_lr_ratio, train.steps - optim.total_steps)
     finetune = _build(FinetuneConfig, d.get('finetune', {}), 'finetune')
     finetune.validate()
+    compress = _build(CompressConfig, d.get('compress', {}), 'compress')
+    compress.validate()
     exp = cls(model=ModelConfig.from_dict(d['model']), data=DataConfig.from_dict(d['data']),
-              optim=optim, train=train, parallel=parallel, finetune=finetune)
+              optim=optim, train=train, parallel=parallel, finetune=finetune, compress=compress)
     exp.validate()
     return exp
 
@@ -281,7 +286,8 @@ def default_config(*, model: Mapping[str, Any] | None = None,
                    data: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None,
                    train: Mapping[str, Any] | None = None,
                    parallel: Mapping[str, Any] | None = None,
-                   finetune: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+                   finetune: Mapping[str, Any] | None = None,
+                   compress: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """A ConfigDict with every field of every section filled in (defaults, then the given values).
 
   Config files start from it so that any field can be overridden from the command line
@@ -293,6 +299,7 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'optim': OptimConfig.from_dict(optim or {}),
       'train': _build(TrainConfig, dict(train or {}), 'train'),
       'finetune': _build(FinetuneConfig, dict(finetune or {}), 'finetune'),
+      'compress': _build(CompressConfig, dict(compress or {}), 'compress'),
   }
   out = {k: _overridable(v) for k, v in sections.items()}
   out['parallel'] = _parallel_section(parallel)
