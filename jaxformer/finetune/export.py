@@ -57,19 +57,26 @@ def export(trainer, out: str, fmt: str = 'hf') -> str:
 
 def _export_run(trainer, params, out: str) -> str:
   import jax  # pylint: disable=import-outside-toplevel
-
-  from jaxformer.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from jaxformer.train.workdir import prepare_workdir, save_config  # pylint: disable=import-outside-toplevel
-  if os.path.isdir(os.path.join(out, ckpt_lib.CHECKPOINT_DIR)):
-    raise ConfigError(f'--out={out!r} already holds checkpoints: choose a new folder')
   program = trainer.program
   step = int(trainer.state['step'])
   opt_state = jax.jit(program.tx.init, out_shardings=program.opt_shardings)(params)
   state = dict(trainer.state, params=params, opt_state=opt_state)
+  return write_run(out, plain_config(trainer.exp), step, state,
+                   {'step': step, 'exported_from': str(trainer.workdir)})
+
+
+def write_run(out: str, config: dict[str, Any], step: int, state, extras) -> str:
+  """A run folder `out`: config.json and one checkpoint of `state` at `step` (refuses a folder
+  that already holds checkpoints). Also writes post-training-quantized runs
+  (jaxformer.compress.ptq)."""
+  from jaxformer.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from jaxformer.train.workdir import prepare_workdir, save_config  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(out, ckpt_lib.CHECKPOINT_DIR)):
+    raise ConfigError(f'--out={out!r} already holds checkpoints: choose a new folder')
   folder = prepare_workdir(out)
-  save_config(folder, plain_config(trainer.exp))
+  save_config(folder, config)
   with ckpt_lib.Checkpointer(folder, async_save=False) as ckpt:
-    ckpt.save(step, state, {'step': step, 'exported_from': str(trainer.workdir)}, force=True)
+    ckpt.save(step, state, extras, force=True)
   return out
 
 

@@ -8,7 +8,8 @@ is allocated). It splits the model's parameters into
              through the step unchanged, never checkpointed (it is rebuilt from
              `finetune.init_from` at every start)
 
-and makes the model's full parameter tree inside the jitted steps (`model_params`).
+and makes the model's full parameter tree inside the jitted steps (`model_params`), with
+`compress.qat`'s fake quantization (straight-through estimator) applied to it last.
 
   finetune.method   trainable                                  frozen
   'full'            every parameter (the state is unchanged     nothing
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.compress import quant
 from jaxformer.config import ConfigError
 from jaxformer.finetune import lora
 from jaxformer.finetune.config import LORA_METHODS
@@ -50,7 +52,8 @@ PEFT_ROLES = ('adapter', 'prefix', 'prompt')
 class ParamPlan:
   """See the module docstring. `fresh`: paths ('.'-joined) the init_from source lacks."""
 
-  def __init__(self, finetune, abstract_params: nnx.State, *, fresh: Iterable[str] = ()):
+  def __init__(self, finetune, abstract_params: nnx.State, *, fresh: Iterable[str] = (),
+               qat=None):
     self.cfg = finetune
     self.method = finetune.method
     flat = nnx.to_flat_state(abstract_params)
@@ -66,6 +69,10 @@ class ParamPlan:
         lora.check_layout(axes)
       self.scale = lc.alpha / lc.rank
     self.trainable_base = self._trainable_base()
+    # compress.qat: the model sees its quantized parameters (compress/quant.py, fake_quant).
+    self.qat = qat.scheme() if qat is not None and qat.enabled else None
+    self.qat_targets = ({} if self.qat is None else
+                        quant.targets(self.templates, self.qat, 'compress.qat.'))
     self.groups = self._groups(abstract_params) if finetune.unfreeze else None
 
   # ---------------------------------------------------------------- which parameters train
@@ -125,8 +132,21 @@ class ParamPlan:
           for k, v in lora.flat_params(targets).items()}}
     return {'base': base, 'lora': factors}, frozen
 
-  def model_params(self, trainable, frozen) -> nnx.State:
-    """The model's full parameter tree (inside the jitted steps, or eagerly for export)."""
+  def model_params(self, trainable, frozen, *, fake_quant: bool = True) -> nnx.State:
+    """The model's full parameter tree (inside the jitted steps, or eagerly for export), with
+    compress.qat's fake quantization unless `fake_quant` is False."""
+    full = self._merged(trainable, frozen)
+    if self.qat is None or not fake_quant:
+      return full
+    return quant.fake_quant_params(full, self.qat_targets, self.qat)
+
+  def view_params(self, view, *, fake_quant: bool = True) -> nnx.State:
+    """`model_params` of `TrainProgram.model_view(state)`."""
+    if self.full:
+      return self.model_params(view, None, fake_quant=fake_quant)
+    return self.model_params(view['params'], view['frozen'], fake_quant=fake_quant)
+
+  def _merged(self, trainable, frozen) -> nnx.State:
     if self.full:
       return trainable
     flat = dict(lora.flat_params(trainable['base']))

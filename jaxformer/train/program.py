@@ -61,7 +61,7 @@ class TrainProgram:
     self.graphdef, model_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
     self.abstract_model_params = model_params
     self.model_param_shardings = layout.state_shardings(model_params)
-    self.plan = ParamPlan(exp.finetune, model_params, fresh=fresh)
+    self.plan = ParamPlan(exp.finetune, model_params, fresh=fresh, qat=exp.compress.qat)
     abstract_params, abstract_frozen = jax.eval_shape(self.plan.split, model_params)
     self.param_shardings, self.frozen_shardings = self.plan.shardings(
         abstract_params, abstract_frozen, layout)
@@ -140,11 +140,9 @@ class TrainProgram:
 
   @functools.cached_property
   def full_params(self):
-    """jit(view) -> the model's full parameters (LoRA merged, QLoRA base dequantized): what
-    export and sampling use. `view` is `model_view(state)`."""
-    def full(view):
-      return view if self.plan.full else self.plan.model_params(view['params'], view['frozen'])
-    return jax.jit(full, out_shardings=self.model_param_shardings)
+    """jit(view) -> the model's full parameters (LoRA merged, QLoRA base dequantized, QAT's
+    fake quantization applied): what export and sampling use. `view` is `model_view(state)`."""
+    return jax.jit(self.plan.view_params, out_shardings=self.model_param_shardings)
 
   @functools.cached_property
   def rest(self) -> Any:

@@ -137,9 +137,7 @@ def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
 
   def eval_step(view, batch):
     # view: the parameters, or {'params', 'frozen'} with a plan (TrainProgram.model_view).
-    params = view
-    if plan is not None and not plan.full:
-      params = plan.model_params(view['params'], view['frozen'])
+    params = view if plan is None else plan.view_params(view)
     # Deterministic: dropout is off, the fresh stream keys only keep the graph well formed.
     model = nnx.merge(graphdef, params, with_dropout_key(rest, jax.random.key(0)))
     _, metrics = tasks.compute_loss(model, task, batch, model_cfg, loss_cfg,

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer import compile_cache
+from jaxformer.compress import ptq
 from jaxformer.data.curriculum import CurriculumIterator, make_curriculum_pipeline
 from jaxformer.data.shards import make_process_pipeline
 from jaxformer.parallel import distributed
@@ -154,6 +155,10 @@ class Trainer:
       raise ckpt_lib.CheckpointError(
           f'no checkpoint in {self.ckpt.directory}: nothing to evaluate or sample; train first '
           f'(python -m jaxformer.train --workdir={self.workdir} ...)')
+    # A post-training-quantized run folder (python -m jaxformer.compress quantize) is read only.
+    if mode == 'train':
+      ptq.refuse_training(self.workdir)
+    self.quantized = ptq.read_record(self.workdir)
     # The init_from source is read when a fresh start needs it, or when the frozen parameters
     # (never checkpointed) come from it.
     ft = exp.finetune
@@ -216,6 +221,9 @@ class Trainer:
   def _restore_or_init(self, initial=None) -> None:
     """Restores the newest good checkpoint straight into its shardings, or initialises (from
     `initial`, the finetune.init_from parameters, when given)."""
+    if self.quantized is not None:  # codes and scales, dequantized once (compress/ptq.py)
+      self.state = ptq.restore(self.ckpt, self.program, self.quantized)
+      return
     data = self.train_iter if self.mode == 'train' else None
     restored = self.ckpt.restore(self.program.target(), data=data,
                                  read_only=self.mode == 'eval')

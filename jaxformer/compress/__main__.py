@@ -1,0 +1,26 @@
+"""python -m jaxformer.compress COMMAND --flags...
+
+Commands on a finished run (each module's docstring gives its flags):
+  quantize   post-training weight quantization into a new run folder (jaxformer/compress/ptq.py)
+"""
+
+import functools
+import importlib
+import sys
+
+COMMANDS = {'quantize': 'jaxformer.compress.ptq'}
+
+
+def cli() -> None:
+  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    got = sys.argv[1] if len(sys.argv) > 1 else None
+    print(f'error: the command {got!r} is invalid: allowed commands are {sorted(COMMANDS)}\n'
+          f'{__doc__}', file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(COMMANDS[sys.argv.pop(1)])
+  from jaxformer.cli import run  # pylint: disable=import-outside-toplevel
+  run(functools.partial(module.main, flag_values=module.define_flags()))
+
+
+if __name__ == '__main__':
+  cli()

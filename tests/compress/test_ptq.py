@@ -1,0 +1,151 @@
+"""Post-training quantization of a run and quantization-aware training through the trainer
+(CATALOG H): the quantized run folder holds int8 / packed int4 codes, loads through
+Trainer(mode='eval') as exactly the dequantized weights, keeps held-out bits per byte within the
+acceptance bounds on a tiny trained run, samples, and refuses training; a QAT run trains, and
+its PTQ with the same scheme is its forward pass."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformer.compress import ptq, quant
+from jaxformer.compress.config import QatConfig, QuantScheme
+from jaxformer.config import ConfigError
+from jaxformer.finetune import lora
+from jaxformer.finetune.config import FinetuneConfig
+from jaxformer.models import family_dict
+from jaxformer.parallel import state as state_lib
+from jaxformer.train import checkpoint as ckpt_lib
+from jaxformer.train.experiment import Experiment, default_config
+from jaxformer.train.param_plan import ParamPlan
+from jaxformer.train.recipes import stdlib_bytes
+from jaxformer.train.trainer import Trainer
+
+D, L, F, V = 32, 2, 64, 260
+
+
+def config(steps, **compress):
+  model = family_dict('llama', vocab_size=V, max_length=32, d_model=D, num_layers=L,
+                      attention=dict(num_heads=2, num_kv_heads=1), ffn=dict(hidden_dim=F),
+                      tie_embeddings=True)
+  train = dict(batch_size=4, steps=steps, log_every=steps, eval_every=1000, eval_batches=1,
+               checkpoint_every=1000, test_batches=0, sample_tokens=0, progress=False,
+               async_checkpoint=False, tensorboard=False)
+  optim = dict(optimizer='adamw', lr=1e-2, weight_decay=0.1, schedule='constant')
+  return default_config(model=model, data=stdlib_bytes('lm', seq_len=32), optim=optim,
+                        train=train, compress=compress)
+
+
+def open_run(workdir, cfg=None):
+  cfg = cfg if cfg is not None else json.loads((pathlib.Path(workdir) / 'config.json').read_text())
+  return Trainer(cfg, str(workdir), mode='eval', devices=jax.devices()[:1])
+
+
+def flat(tree):
+  return {lora.path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('ptq') / 'run'
+  Trainer(config(40), str(workdir), devices=jax.devices()[:1]).run()
+  return workdir
+
+
+@pytest.mark.parametrize('scheme, bound', [
+    (QuantScheme(bits=8, granularity='channel'), 0.02),
+    (QuantScheme(bits=4, granularity='group', group_size=16), 0.1)],
+    ids=['int8-channel', 'int4-group'])
+def test_ptq_run_folder_loads_the_dequantized_weights(trained, tmp_path, scheme, bound):
+  source = open_run(trained)
+  before = source.evaluate('validation', 2)['bits_per_byte']
+  out = tmp_path / 'q'
+  record = ptq.quantize_run(source, str(out), scheme)
+  float_params = flat(source.model_params())
+  source.close()
+  assert json.loads((out / ptq.RECORD).read_text()) == record
+  # Real integer storage in the checkpoint: int8 codes, int4 codes two to a byte.
+  ckpt = ckpt_lib.Checkpointer(str(out), async_save=False, read_only=True)
+  saved = ckpt_lib.flatten(ckpt._manager.restore(ckpt.latest_step())['state'])  # pylint: disable=protected-access
+  ckpt.close()
+  codes = {k: v for k, v in saved.items() if k.endswith('codes')}
+  assert len(codes) == 7 and all(v.dtype == (np.int8 if scheme.bits == 8 else np.uint8)
+                                 for v in codes.values())
+  assert not any('opt_state' in k for k in saved)
+  size = record['size']
+  assert size['quantized_model_bytes'] == sum(
+      v.nbytes for k, v in saved.items() if k.startswith('params'))
+  assert size['float_model_bytes'] == 4 * sum(v.size for v in float_params.values())
+  # The folder loads through the eval path as exactly dequant(quant(w)).
+  q = open_run(out)
+  loaded = flat(q.model_params())
+  for k, w in float_params.items():
+    if k in record['quantized']:
+      axes = quant.targets({k: q.program.plan.templates[k]}, scheme, '--')[k]
+      expected = quant.dequantize(quant.quantize(w, axes, scheme), w.shape, w.dtype)
+      np.testing.assert_array_equal(loaded[k], np.asarray(expected), err_msg=k)
+    else:  # norms and the (tied) embedding table stay float
+      np.testing.assert_array_equal(loaded[k], w, err_msg=k)
+  after = q.evaluate('validation', 2)['bits_per_byte']
+  assert abs(after - before) < bound, (before, after)
+  assert isinstance(q.sample('def ', 4), str)
+  q.close()
+  with pytest.raises(ConfigError, match='post-training-quantized model'):
+    Trainer(json.loads((out / 'config.json').read_text()), str(out), devices=jax.devices()[:1])
+
+
+def test_qat_trains_and_its_ptq_is_its_forward_pass(tmp_path):
+  qat = dict(bits=4, granularity='group', group_size=16, symmetric=False)
+  cfg = config(6, qat=qat)
+  trainer = Trainer(cfg, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  first = trainer.evaluate('validation', 1)['loss']
+  raw = flat(trainer.program.plan.view_params(trainer.state['params'], fake_quant=False))
+  seen = flat(trainer.model_params())
+  chosen = trainer.program.plan.qat_targets
+  assert len(chosen) == 7  # the matrices; the tied embedding table and norms stay float
+  for k, w in raw.items():  # the model sees dequant(quant(w)) of the matrices
+    if k in chosen:
+      s = QatConfig(**qat).scheme()
+      np.testing.assert_array_equal(
+          seen[k], np.asarray(quant.dequantize(quant.quantize(w, chosen[k], s), w.shape,
+                                               w.dtype)))
+      assert not np.array_equal(seen[k], w)
+    else:
+      np.testing.assert_array_equal(seen[k], w)
+  trainer.run()
+  qat_run = open_run(tmp_path / 'run', cfg)
+  last = qat_run.evaluate('validation', 1)['loss']
+  assert last < first
+  out = tmp_path / 'q'
+  ptq.quantize_run(qat_run, str(out), QatConfig(**qat).scheme())
+  qat_params = flat(qat_run.model_params())
+  qat_run.close()
+  q = open_run(out)
+  for k, v in flat(q.model_params()).items():
+    np.testing.assert_array_equal(v, qat_params[k], err_msg=k)
+  assert q.evaluate('validation', 1)['loss'] == last
+  q.close()
+
+
+@pytest.mark.parametrize('qat, match', [
+    (dict(bits=3), r'compress\.qat\.bits=3 is invalid: allowed values are \[4, 8\]'),
+    (dict(bits=8, granularity='block'), r"compress\.qat\.granularity='block' is invalid"),
+    (dict(bits=8, calibration='percentile', percentile=0.0),
+     r'compress\.qat\.percentile=0\.0 is invalid'),
+])
+def test_bad_qat_options_name_the_field(qat, match):
+  with pytest.raises(ConfigError, match=match):
+    Experiment.from_config(config(1, qat=qat))
+
+
+def test_qat_group_must_divide_the_inputs():
+  exp = Experiment.from_config(config(1))
+  abstract = nnx.state(state_lib.abstract_model(exp.model, 0), nnx.Param)
+  with pytest.raises(ConfigError, match=r"compress\.qat\.group_size=24 is invalid: it must "
+                     r"divide the input size 32 of .*largest divisor of 32 up to 24 is 16"):
+    ParamPlan(FinetuneConfig(), abstract, qat=QatConfig(bits=4, granularity='group',
+                                                        group_size=24))
