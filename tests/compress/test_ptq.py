@@ -52,12 +52,12 @@ def flat(tree):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('ptq') / 'run'
-  Trainer(config(40), str(workdir), devices=jax.devices()[:1]).run()
+  Trainer(config(30), str(workdir), devices=jax.devices()[:1]).run()
   return workdir
 
 
 @pytest.mark.parametrize('scheme, bound', [
-    (QuantScheme(bits=8, granularity='channel'), 0.02),
+    pytest.param(QuantScheme(bits=8, granularity='channel'), 0.02, marks=pytest.mark.slow),
     (QuantScheme(bits=4, granularity='group', group_size=16), 0.1)],
     ids=['int8-channel', 'int4-group'])
 def test_ptq_run_folder_loads_the_dequantized_weights(trained, tmp_path, scheme, bound):
@@ -65,7 +65,8 @@ def test_ptq_run_folder_loads_the_dequantized_weights(trained, tmp_path, scheme,
   before = source.evaluate('validation', 2)['bits_per_byte']
   out = tmp_path / 'q'
   record = ptq.quantize_run(source, str(out), scheme)
-  float_params = flat(source.model_params())
+  float_tree = source.model_params()
+  float_params = flat(float_tree)
   source.close()
   assert json.loads((out / ptq.RECORD).read_text()) == record
   # Real integer storage in the checkpoint: int8 codes, int4 codes two to a byte.
@@ -83,21 +84,53 @@ def test_ptq_run_folder_loads_the_dequantized_weights(trained, tmp_path, scheme,
   # The folder loads through the eval path as exactly dequant(quant(w)).
   q = open_run(out)
   loaded = flat(q.model_params())
+  chosen = quant.targets(q.program.plan.templates, scheme, '--')
+  assert sorted(chosen) == record['quantized']
+  expected = flat(jax.jit(lambda p: quant.fake_quant_params(p, chosen, scheme))(float_tree))
   for k, w in float_params.items():
-    if k in record['quantized']:
-      axes = quant.targets({k: q.program.plan.templates[k]}, scheme, '--')[k]
-      expected = quant.dequantize(quant.quantize(w, axes, scheme), w.shape, w.dtype)
-      np.testing.assert_array_equal(loaded[k], np.asarray(expected), err_msg=k)
-    else:  # norms and the (tied) embedding table stay float
-      np.testing.assert_array_equal(loaded[k], w, err_msg=k)
+    # dequant(quant(w)) of the matrices; norms and the (tied) embedding table stay float
+    np.testing.assert_array_equal(loaded[k], expected[k] if k in chosen else w, err_msg=k)
+    assert (k in chosen) != np.array_equal(loaded[k], w)
   after = q.evaluate('validation', 2)['bits_per_byte']
   assert abs(after - before) < bound, (before, after)
-  assert isinstance(q.sample('def ', 4), str)
   q.close()
   with pytest.raises(ConfigError, match='post-training-quantized model'):
     Trainer(json.loads((out / 'config.json').read_text()), str(out), devices=jax.devices()[:1])
 
 
+def test_qat_model_params_are_fake_quantized_with_the_ste():
+  """ParamPlan.model_params under compress.qat: the matrices are dequant(quant(w)), the rest
+  as they are, and the gradient of a loss of the model's parameters is its gradient at them."""
+  exp = Experiment.from_config(config(1))
+  params = nnx.state(state_lib._build(exp.model, 0), nnx.Param)  # pylint: disable=protected-access
+  qat = QatConfig(bits=8, granularity='tensor', symmetric=False)
+  plan = ParamPlan(FinetuneConfig(), params, qat=qat)
+  chosen = plan.qat_targets
+  assert len(chosen) == 7
+  def loss(p):
+    return sum(jax.numpy.sum(jax.numpy.sin(v.get_value())) for _, v in nnx.to_flat_state(p))
+
+  @jax.jit
+  def run(p):  # one program: the model's parameters, the oracle, both gradients
+    seen = plan.model_params(p, None)
+    expected = {k: quant.dequantize(quant.quantize(p_k, chosen[k], qat.scheme()), p_k.shape,
+                                    p_k.dtype)
+                for k, p_k in ((k, v.get_value()) for k, v in lora.flat_params(p).items())
+                if k in chosen}
+    return (seen, expected, jax.grad(lambda q: loss(plan.model_params(q, None)))(p),
+            jax.grad(loss)(seen))
+
+  seen, expected, g, g_at = run(params)
+  raw, got = flat(params), flat(seen)
+  for k, w in raw.items():
+    np.testing.assert_array_equal(got[k], np.asarray(expected.get(k, w)), err_msg=k)
+    assert (k in chosen) != np.array_equal(got[k], w)
+  g, g_at = flat(g), flat(g_at)
+  for k in raw:
+    np.testing.assert_array_equal(g[k], g_at[k], err_msg=k)
+
+
+@pytest.mark.slow
 def test_qat_trains_and_its_ptq_is_its_forward_pass(tmp_path):
   qat = dict(bits=4, granularity='group', group_size=16, symmetric=False)
   cfg = config(6, qat=qat)

@@ -38,10 +38,15 @@ def weight(seed=0, shape=(2, 2, 8, 6)):
   return w.at[0, 0, 0, 0].set(9.0)  # an outlier the percentile range leaves out
 
 
+def roundtrip(w, axes, scheme):
+  q = quant.quantize(w, axes, scheme)
+  return q, quant.dequantize(q, w.shape, w.dtype)
+
+
 def step_and_range(w, q, scheme, shape):
   """Per element of the flattened weight: the step s and the calibrated range [lo, hi]."""
   x = w.reshape(shape)
-  calib = quant.calibrate(x, quant.how(scheme, x.ndim, 1, 1), scheme)
+  calib = jax.jit(lambda v: quant.calibrate(v, quant.how(scheme, v.ndim, 1, 1), scheme))(x)
   scale = qarray_broadcast(q.scale, shape)
   if 'absmax' in calib:
     r = qarray_broadcast(calib['absmax'], shape)
@@ -59,9 +64,9 @@ def qarray_broadcast(x, shape):
 @pytest.mark.parametrize('scheme', SCHEMES)
 def test_dequantized_within_half_a_step(scheme):
   w = weight()
-  q = quant.quantize(w, WO_AXES, scheme)
+  q, dq = jax.jit(lambda v: roundtrip(v, WO_AXES, scheme))(w)
   flat = np.asarray(w.reshape(2, 16, 6))
-  dq = np.asarray(quant.dequantize(q, w.shape, w.dtype)).reshape(flat.shape)
+  dq = np.asarray(dq).reshape(flat.shape)
   s, lo, hi = step_and_range(w, q, scheme, flat.shape)
   eps = 1e-6 * np.abs(flat).max()
   # Every value is within half a step of its clipped value; without percentile clipping the
@@ -83,12 +88,13 @@ def test_minmax_step_is_the_range_over_the_codes():
   """Symmetric int8 per-tensor: s = max|w| / 127.5, and the largest value maps to 127 or 128
   saturated to 127, within half a step."""
   w = jnp.asarray([[0.5, -1.0], [2.55, 0.0]])
-  q = quant.quantize(w, ((), (0,), (1,)), QuantScheme(bits=8, granularity='tensor'))
+  q = jax.jit(lambda v: quant.quantize(v, ((), (0,), (1,)),
+                                       QuantScheme(bits=8, granularity='tensor')))(w)
   np.testing.assert_allclose(np.asarray(q.scale), [[2.55 / 127.5]], rtol=1e-6)
   assert int(q.qvalue[1, 0]) == 127
 
 
-@pytest.mark.parametrize('n', [6, 7])
+@pytest.mark.parametrize('n', [pytest.param(6, marks=pytest.mark.slow), 7])
 def test_int4_pack_roundtrip(n):
   codes = jnp.asarray(np.arange(-8, 8).repeat(4)[:3 * n * 2].reshape(3, n, 2), jnp.int4)
   packed = quant.pack_int4(codes, 1)
@@ -107,7 +113,8 @@ def params_state(seed=0):
       'norm': nnx.Param(jnp.ones((2, 6)), out_sharding=('layers', 'embed'), eager_sharding=False)})
 
 
-@pytest.mark.parametrize('bits, symmetric, embeddings', [(4, False, True), (8, True, False)])
+@pytest.mark.parametrize('bits, symmetric, embeddings', [
+    (4, False, True), pytest.param(8, True, False, marks=pytest.mark.slow)])
 def test_stored_tree_roundtrip_and_size(bits, symmetric, embeddings):
   scheme = QuantScheme(bits=bits, granularity='group', group_size=8, symmetric=symmetric,
                        embeddings=embeddings)
@@ -116,17 +123,17 @@ def test_stored_tree_roundtrip_and_size(bits, symmetric, embeddings):
   assert set(chosen) == ({'embed', 'wo'} if embeddings else {'wo'})
   if embeddings:  # a table: one scale per row (token), groups along its width
     assert chosen['embed'] == ((), (1,), (0,))
-  stored = quant.quantize_params(params, chosen, scheme)
+  stored = jax.jit(lambda p: quant.quantize_params(p, chosen, scheme))(params)
   flat = lora.flat_params(stored)
   codes_dtype = jnp.uint8 if bits == 4 else jnp.int8
   assert flat['wo.codes'].get_value().dtype == codes_dtype
   assert ('wo.zero_point' in flat) == (not symmetric)
-  back = lora.flat_params(quant.dequantize_params(stored, params, chosen, scheme))
+  back = lora.flat_params(jax.jit(
+      lambda s: quant.dequantize_params(s, params, chosen, scheme))(stored))
   for k, axes in chosen.items():
     w = params[k].get_value()
-    np.testing.assert_array_equal(
-        np.asarray(back[k].get_value()),
-        np.asarray(quant.dequantize(quant.quantize(w, axes, scheme), w.shape, w.dtype)))
+    _, dq = jax.jit(lambda v, a=axes: roundtrip(v, a, scheme))(w)
+    np.testing.assert_array_equal(np.asarray(back[k].get_value()), np.asarray(dq))
   np.testing.assert_array_equal(np.asarray(back['norm'].get_value()), 1.0)
   size = quant.size_report(stored, params)
   n_wo, n_emb = 2 * 16 * 6, 80
@@ -147,11 +154,11 @@ def test_fake_quant_gradient_is_the_straight_through_estimator():
     y = jnp.einsum('bi,lio->blo', x, v.reshape(2, 16, 6))
     return jnp.sum(jnp.tanh(y) ** 2)
 
-  wq = quant.dequantize(quant.quantize(w, WO_AXES, scheme), w.shape, w.dtype)
-  np.testing.assert_array_equal(np.asarray(quant.fake_quant(w, WO_AXES, scheme)),
-                                np.asarray(wq))
-  g = jax.grad(lambda v: loss_of(quant.fake_quant(v, WO_AXES, scheme)))(w)
-  np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(loss_of)(wq)))
+  _, wq = jax.jit(lambda v: roundtrip(v, WO_AXES, scheme))(w)
+  fq = jax.jit(lambda v: quant.fake_quant(v, WO_AXES, scheme))
+  np.testing.assert_array_equal(np.asarray(fq(w)), np.asarray(wq))
+  g = jax.jit(jax.grad(lambda v: loss_of(fq(v))))(w)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.jit(jax.grad(loss_of))(wq)))
   assert float(jnp.abs(g).max()) > 0
 
 
