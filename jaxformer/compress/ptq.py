@@ -72,7 +72,7 @@ def quantize_run(trainer, out: str, scheme: QuantScheme) -> dict[str, Any]:
                    out_shardings=shardings)(params)
   step = int(trainer.state['step'])
   record = {'scheme': dataclasses.asdict(scheme), 'source': str(trainer.workdir), 'step': step,
-            'quantized': sorted(chosen), 'size': quant.size_report(stored, params)}
+            'quantized': sorted(chosen), 'size': quant.size_report(stored, params, chosen)}
   config = plain_config(trainer.exp)
   # The stored weights are quantized already: a QAT run's fake quantization is off in OUT.
   config['compress'] = dict(config['compress'], qat=dict(config['compress']['qat'], bits=0))

@@ -241,13 +241,14 @@ def nbytes(tree: Any) -> int:
                                   tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def size_report(stored: nnx.State, float_params: nnx.State) -> dict[str, int | float]:
-  """Bytes of the stored model by kind (codes, scales and zero points, float leftovers) and of
-  the float model it came from."""
+def size_report(stored: nnx.State, float_params: nnx.State, chosen: Mapping[str, tuple]
+                ) -> dict[str, int | float]:
+  """Bytes of the stored model by kind (codes, scales and zero points of the `chosen`
+  parameters, float leftovers) and of the float model it came from."""
   kinds = {'codes': 0, 'scales': 0, 'float': 0}
   for k, v in lora.flat_params(stored).items():
-    kind = ('codes' if k.endswith('.codes') else
-            'scales' if k.endswith(('.scale', '.zero_point')) else 'float')
+    base, _, leaf = k.rpartition('.')
+    kind = ('float' if base not in chosen else 'codes' if leaf == 'codes' else 'scales')
     kinds[kind] += nbytes(v)
   total, before = sum(kinds.values()), nbytes(float_params)
   return {'float_model_bytes': before, 'quantized_model_bytes': total,

@@ -182,3 +182,25 @@ def test_qat_group_must_divide_the_inputs():
                      r"divide the input size 32 of .*largest divisor of 32 up to 24 is 16"):
     ParamPlan(FinetuneConfig(), abstract, qat=QatConfig(bits=4, granularity='group',
                                                         group_size=24))
+
+
+@pytest.mark.slow
+def test_ptq_folder_restores_onto_a_mesh(trained, tmp_path):
+  """The codes and scales are read into their shardings on 4 devices (FSDP) and
+  dequantize to the one-device weights; the evaluation agrees."""
+  source = open_run(trained)
+  out = tmp_path / 'q'
+  ptq.quantize_run(source, str(out), QuantScheme(bits=4, granularity='group', group_size=16))
+  source.close()
+  one = open_run(out)
+  cfg = json.loads((out / 'config.json').read_text())
+  cfg['parallel']['mesh'] = {'fsdp': 4}  # the tiny model's one KV head rules out 'tensor'
+  mesh = Trainer(cfg, str(out), mode='eval', devices=jax.devices()[:4])
+  wo = mesh.model_params()['stack']['layers']['blocks'][0]['ffn']['wo'].get_value()
+  assert any(a is not None for a in wo.sharding.spec), wo.sharding.spec
+  for k, v in flat(mesh.model_params()).items():
+    np.testing.assert_array_equal(v, flat(one.model_params())[k], err_msg=k)
+  np.testing.assert_allclose(mesh.evaluate('validation', 1)['loss'],
+                             one.evaluate('validation', 1)['loss'], rtol=1e-5)
+  one.close()
+  mesh.close()

@@ -110,7 +110,9 @@ def params_state(seed=0):
       'embed': nnx.Param(jax.random.normal(k[0], (10, 8)), out_sharding=('vocab', 'embed'), eager_sharding=False),
       'wo': nnx.Param(weight(seed), out_sharding=('layers', 'heads', 'head_dim', 'embed'),
                      eager_sharding=False),
-      'norm': nnx.Param(jnp.ones((2, 6)), out_sharding=('layers', 'embed'), eager_sharding=False)})
+      # A norm's 'scale' is a float leftover, not a quantization scale.
+      'norm': {'scale': nnx.Param(jnp.ones((2, 6)), out_sharding=('layers', 'embed'),
+                                  eager_sharding=False)}})
 
 
 @pytest.mark.parametrize('bits, symmetric, embeddings', [
@@ -134,13 +136,17 @@ def test_stored_tree_roundtrip_and_size(bits, symmetric, embeddings):
     w = params[k].get_value()
     _, dq = jax.jit(lambda v, a=axes: roundtrip(v, a, scheme))(w)
     np.testing.assert_array_equal(np.asarray(back[k].get_value()), np.asarray(dq))
-  np.testing.assert_array_equal(np.asarray(back['norm'].get_value()), 1.0)
-  size = quant.size_report(stored, params)
+  np.testing.assert_array_equal(np.asarray(back['norm.scale'].get_value()), 1.0)
+  size = quant.size_report(stored, params, chosen)
   n_wo, n_emb = 2 * 16 * 6, 80
   codes = n_wo * bits // 8 + (n_emb * bits // 8 if embeddings else 0)
   assert size['code_bytes'] == codes
   assert size['float_model_bytes'] == 4 * (n_wo + n_emb + 12)
   assert size['float_leftover_bytes'] == 4 * (12 + (0 if embeddings else n_emb))
+  groups = 2 * 2 * 6 + (10 if embeddings else 0)  # wo: 2 layers x 2 groups x 6 outputs
+  assert size['scale_bytes'] == groups * (4 if symmetric else 5)
+  assert size['quantized_model_bytes'] == (size['code_bytes'] + size['scale_bytes']
+                                           + size['float_leftover_bytes'])
 
 
 def test_fake_quant_gradient_is_the_straight_through_estimator():
