@@ -38,7 +38,9 @@ FIELDS = ('scheme', 'flags', 'bits_per_byte', 'delta_bpb', 'bound', 'quantized_m
 
 
 def run_json(args: list[str]) -> dict:
-  out = subprocess.run([sys.executable, '-m', *args], check=True, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f'python -m {" ".join(args)} failed:\n{out.stderr[-3000:]}')
   return json.loads(out.stdout[out.stdout.index('{'):])
 
 

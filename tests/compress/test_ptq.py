@@ -204,3 +204,23 @@ def test_ptq_folder_restores_onto_a_mesh(trained, tmp_path):
                              one.evaluate('validation', 1)['loss'], rtol=1e-5)
   one.close()
   mesh.close()
+
+
+@pytest.mark.slow
+def test_ptq_experiment_runs_the_commands(trained, tmp_path, monkeypatch):
+  """experiments/ptq_quickstart.py end to end (python -m jaxformer.compress quantize and
+  python -m jaxformer.eval in subprocesses, on one CPU device as the run trained) on the tiny
+  run."""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  import csv  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / 'experiments'))
+  import ptq_quickstart  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'ptq.csv'
+  assert ptq_quickstart.main([f'--workdir={trained}', f'--out={out}', '--split=validation',
+                              '--batches=1', '--schemes=int8-channel,int4-channel']) == 0
+  with open(out) as f:
+    rows = {r['scheme']: r for r in csv.DictReader(f)}
+  assert set(rows) == {'float32', 'int8-channel', 'int4-channel'}
+  assert int(rows['int4-channel']['quantized_model_bytes']) < int(
+      rows['int8-channel']['quantized_model_bytes']) < int(rows['float32']['float_model_bytes'])
