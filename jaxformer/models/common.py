@@ -5,7 +5,9 @@ sqrt(D) when `model.embed_scale` (Vaswani et al.), P is the position kind's `emb
 (sinusoidal, or learned with an id offset for BART / RoBERTa; nothing for relative kinds) and
 the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`). The tables and the norm
 have width `model.embed_width` (`embed_dim`, else D); a family with `embed_projection` maps a
-different width to D itself (ELECTRA).
+different width to D itself (ELECTRA). `input_delta` (None, or an `EmbeddingDelta` [B, T, E])
+is added to scale * E[ids]: the one hook through which jaxformer.analysis differentiates and
+perturbs the token embeddings of any family (attributions, FGSM / PGD, adversarial training).
 
 LMHead: logits = softcap(scale * h E^T + b) with E tied to the input embedding, or an untied
 projection; T5 scales by D^-0.5 when tied (`model.logits_scale`).
@@ -64,6 +66,11 @@ def self_attention_inputs(cfg: ModelConfig, tokens, segment_ids, positions, *, c
   return positions, mask
 
 
+class EmbeddingDelta(nnx.Variable):
+  """An additive perturbation of the token embeddings (jaxformer/analysis/inputs.py), never a
+  parameter: it exists only while an analysis or an adversarial loss runs."""
+
+
 class TokenEmbedder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, embed: Embed | None = None, rngs: nnx.Rngs):
@@ -79,11 +86,14 @@ class TokenEmbedder(nnx.Module):
     self.norm = (tag_params(make_norm(cfg, cfg.embed_width, rngs=rngs), role='embedding')
                  if cfg.embed_norm else None)
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+    self.input_delta: EmbeddingDelta | None = nnx.data(None)
 
   def __call__(self, ids, positions, *, token_types=None, deterministic=True):
     cfg = self.cfg
     check_token_ids(ids, cfg.vocab_size, 'input token ids')
     x = self.embed(ids).astype(cfg.compute_dtype)  # scaled by sqrt(D) when model.embed_scale
+    if self.input_delta is not None:
+      x = x + self.input_delta[...].astype(x.dtype)
     absolute = self.position.embed(self.positions, positions)
     if absolute is not None:
       x = x + absolute.astype(x.dtype)
