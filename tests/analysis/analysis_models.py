@@ -1,0 +1,16 @@
+"""Tiny models shared by the analysis tests (imported by basename: tests/ has no packages)."""
+
+import jax.numpy as jnp
+
+from jaxformer.models import build_model, family
+
+
+def tiny(name='llama', **overrides):
+  kw = dict(d_model=16, num_layers=2, vocab_size=32, max_length=8, attention={'num_heads': 2},
+            ffn={'hidden_dim': 32})
+  kw.update(overrides)
+  return build_model(family(name, **kw))
+
+
+def tokens(batch=2, length=6, vocab=32):
+  return (jnp.arange(batch * length).reshape(batch, length) * 7 + 3) % vocab
