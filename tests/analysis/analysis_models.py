@@ -1,11 +1,20 @@
 """Tiny models shared by the analysis tests (imported by basename: tests/ has no packages)."""
 
+import functools
+
 import jax.numpy as jnp
 
 from jaxformer.models import build_model, family
 
 
 def tiny(name='llama', **overrides):
+  """A tiny model, built once per configuration (analyses leave the parameters unchanged)."""
+  return _tiny(name, repr(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(name, key):
+  overrides = dict(eval(key))  # noqa: S307 - our own repr of literals
   kw = dict(d_model=16, num_layers=2, vocab_size=32, max_length=8, attention={'num_heads': 2},
             ffn={'hidden_dim': 32})
   kw.update(overrides)
