@@ -26,25 +26,25 @@ and a family whose layers compute their own attention (Funnel, Transformer-XL: `
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from jaxformer.attention import registry, set_sow_weights
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.models.stack import layer_period
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class AttentionMap:
-  """The maps of one attention site: `layers[i]` is the layer of `weights[i]` [B, N, T, S]."""
-  name: str
-  layers: tuple[int, ...]
+  """The maps of one attention site: `layers[i]` is the layer of `weights[i]` [B, N, T, S]. A
+  pytree (name and layers static), so `nnx.jit` can return it."""
   weights: jax.Array
+  name: str = struct.field(pytree_node=False, default='')
+  layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
 
 def check_weights(cfg: ModelConfig, field: str = 'model.attention') -> None:
@@ -107,8 +107,8 @@ def run_with_maps(model: nnx.Module, fn: Callable[[nnx.Module], object]
   out = {}
   for name, items in sorted(sites.items()):
     items.sort(key=lambda x: x[0])
-    out[name] = AttentionMap(name, tuple(i for i, _ in items),
-                             jnp.stack([w for _, w in items]).astype(jnp.float32))
+    out[name] = AttentionMap(jnp.stack([w for _, w in items]).astype(jnp.float32), name,
+                             tuple(i for i, _ in items))
   return result, out
 
 

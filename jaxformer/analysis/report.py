@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxformer.analysis import adversarial, attribution, inputs, plots
 from jaxformer.analysis import maps as maps_lib
@@ -86,12 +87,13 @@ def analyze_text(model, task: str, tokenizer, text: str, method: str, out: str, 
   batch = example(task, tokenizer, text, cfg.max_length)
   ids = batch['inputs']
   labels = token_labels(tokenizer, ids[0])
-  call = lambda m: m(jnp.asarray(ids), segment_ids=jnp.asarray(batch['segment_ids'])).logits  # noqa: E731
+  seg = jnp.asarray(batch['segment_ids'])
+  call = lambda m: m(jnp.asarray(ids), segment_ids=seg).logits  # noqa: E731
   result: dict[str, Any] = {'method': method, 'text': text, 'tokens': labels}
   title = f'{method}: {text[:60]!r}'
 
   if method in ('maps', 'rollout'):
-    site = maps_lib.self_attention(maps_lib.attention_maps(model, call))
+    site = nnx.jit(lambda m: maps_lib.self_attention(maps_lib.attention_maps(m, call)))(model)
     w = np.asarray(site.weights[:, 0])  # [L, N, T, T], the one example
     if method == 'maps':
       plots.attention_grid(w, site.layers, out, queries=labels, title=title)

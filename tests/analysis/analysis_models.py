@@ -15,11 +15,11 @@ def tiny(name='llama', **overrides):
 @functools.lru_cache(maxsize=None)
 def _tiny(name, key):
   overrides = dict(eval(key))  # noqa: S307 - our own repr of literals
-  kw = dict(d_model=16, num_layers=2, vocab_size=32, max_length=8, attention={'num_heads': 2},
+  kw = dict(d_model=16, num_layers=2, vocab_size=260, max_length=16, attention={'num_heads': 2},
             ffn={'hidden_dim': 32})
   kw.update(overrides)
   return build_model(family(name, **kw))
 
 
-def tokens(batch=2, length=6, vocab=32):
+def tokens(batch=2, length=6, vocab=260):
   return (jnp.arange(batch * length).reshape(batch, length) * 7 + 3) % vocab

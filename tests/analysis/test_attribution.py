@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from analysis_models import tiny, tokens
 from jaxformer.analysis import attribution, inputs
@@ -15,7 +16,7 @@ from jaxformer.models import family
 
 def _completeness(model, call, target, baseline, position=None, steps=64):
   ids = tokens()
-  f = attribution.score_function(model, call, target, position=position)
+  f = jax.jit(attribution.score_function(model, call, target, position=position))
   db = attribution.baseline_delta(model, ids, baseline)
   ig = jax.jit(attribution.integrated_gradients, static_argnums=(0, 2))(f, db, steps)
   fx, fb = f(jnp.zeros_like(db)), f(db)
@@ -25,7 +26,7 @@ def _completeness(model, call, target, baseline, position=None, steps=64):
 
 def test_integrated_gradients_completeness_lm():
   """sum IG = f(x) - f(baseline) within 1% at 64 trapezoid steps (Sundararajan et al. 2017)."""
-  m = tiny(num_layers=1)
+  m = tiny()
   x = tokens()
   assert _completeness(m, lambda m: m(x).logits, jnp.array([3, 5]), 'pad') < 0.01
 
@@ -48,13 +49,15 @@ def test_integrated_gradients_completeness_classification_and_seq2seq():
                        position=2) < 0.01
 
 
+@pytest.mark.slow
 def test_saliency_is_the_gradient():
   """<saliency, v> equals the central finite difference of f along v."""
-  m = tiny(num_layers=1)
+  m = tiny()
   x = tokens()
-  f = attribution.score_function(m, lambda m: m(x).logits, jnp.array([3, 5]), score='logit')
+  f = jax.jit(attribution.score_function(m, lambda m: m(x).logits, jnp.array([3, 5]),
+                                         score='logit'))
   shape = inputs.delta_shape(m, x)
-  g = attribution.saliency(f, shape)
+  g = jax.jit(attribution.saliency, static_argnums=(0, 1))(f, shape)
   v = jax.random.normal(jax.random.key(1), shape)
   v = v / jnp.linalg.norm(v)
   eps = 1e-2
@@ -65,13 +68,14 @@ def test_saliency_is_the_gradient():
 
 def test_the_hook_shifts_the_token_embeddings():
   """delta = e' - e gives the model exactly the embeddings of other ids."""
-  m = tiny(num_layers=1)
+  m = tiny()
   x = tokens()
-  y = (x + 1) % 32
+  y = (x + 1) % 260
   shift = inputs.token_embeddings(m, y) - inputs.token_embeddings(m, x)
-  g = inputs.embedding_function(m, lambda m: m(x).logits)
-  np.testing.assert_allclose(g(shift)[0], m(y).logits, atol=1e-5)
-  np.testing.assert_allclose(g(jnp.zeros_like(shift))[0], m(x).logits, atol=1e-6)
+  g = jax.jit(lambda d: inputs.embedding_function(m, lambda m: m(x).logits)(d)[0])
+  want = nnx.jit(lambda m: (m(y).logits, m(x).logits))(m)
+  np.testing.assert_allclose(g(shift), want[0], atol=1e-5)
+  np.testing.assert_allclose(g(jnp.zeros_like(shift)), want[1], atol=1e-6)
 
 
 @pytest.mark.parametrize('name', ['vit', 'swin', 'rnn_seq2seq'])
@@ -85,7 +89,7 @@ def test_families_without_token_embeddings_are_refused(name):
 
 def test_bad_options_are_refused():
   with pytest.raises(ConfigError, match='baseline'):
-    attribution.baseline_delta(tiny(num_layers=1), tokens(), 'mean')
+    attribution.baseline_delta(tiny(), tokens(), 'mean')
   with pytest.raises(ConfigError, match='score'):
     attribution.output_score(jnp.zeros((1, 3)), jnp.zeros(1, jnp.int32), score='prob')
   with pytest.raises(ConfigError, match='at least 1 step'):
