@@ -42,7 +42,8 @@ def test_integrated_gradients_completeness_two_layers(name, baseline):
 @pytest.mark.slow
 def test_integrated_gradients_completeness_classification_and_seq2seq():
   x = tokens()
-  enc = tiny('bert', num_labels=3, mlm_head=False, pooler=True, num_layers=1)
+  # A larger init so that the untrained classifier's output depends on its input at all.
+  enc = tiny('bert', num_labels=3, mlm_head=False, pooler=True, num_layers=1, init_std=0.5)
   assert _completeness(enc, lambda m: m(x).logits, jnp.array([0, 2]), 'pad') < 0.01
   t5 = tiny('t5', num_layers=1)
   assert _completeness(t5, lambda m: m(x, x[:, :3]).logits, jnp.array([1, 4]), 'pad',
