@@ -64,7 +64,8 @@ def test_parameter_counts_names_and_optimizer_roles():
                                                             'ffn')))
   # 2 encoder layers x 2 sites + 2 decoder layers x 3 sites; prefixes in both stacks
   want = {'adapter': 10 * site, 'prefix': 4 * 2 * p * k * h, 'prompt': q * d}
-  assert peft.counts(build_model(cfg, rngs=nnx.Rngs(0))) == want == peft.expected_counts(cfg)
+  abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+  assert peft.counts(abstract) == want == peft.expected_counts(cfg)
 
   block = m.stack.layers.blocks[0]
   assert names_of(block.self_attn.prefix.k) == ('layers', None, 'kv_heads', 'head_dim')
@@ -268,3 +269,21 @@ def test_sequence_too_long_with_the_prompt_is_refused():
   _, m = models('gpt2', dict(prompt_length=4))
   with pytest.raises(ValueError, match='prompt of 4'):
     m(tokens(0, (1, 61)))
+
+
+def test_experiment_refuses_a_prompt_that_does_not_fit_or_packed_rows():
+  import os
+  from jaxformer.train.experiment import Experiment, load_config
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  c = load_config(os.path.join(root, 'configs', 'quickstart.py'), 'size=tiny')
+  c.model.peft = dict(prompt_length=4)
+  c.data.packing = 'none'
+  c.data.seq_len = c.model.max_length - 4
+  Experiment.from_config(c)  # fits exactly
+  c.data.seq_len += 1
+  with pytest.raises(ConfigError, match=r'data\.seq_len=.*prompt \(model\.peft\.prompt_length'):
+    Experiment.from_config(c)
+  c.data.seq_len -= 1
+  c.data.packing = 'concat'
+  with pytest.raises(ConfigError, match=r"data\.packing='concat'.*prompt_length=4"):
+    Experiment.from_config(c)
