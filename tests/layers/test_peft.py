@@ -57,7 +57,7 @@ def test_parameter_counts_names_and_optimizer_roles():
   d, r, p, q, k, h = 32, 4, 3, 2, 2, 8
   site = 2 * d * r + r + d
   cfg = family('llama', **TINY, peft=ALL)  # 2 layers x 2 sites (attention, ffn)
-  m = build_model(cfg, rngs=nnx.Rngs(0))
+  m = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))  # shapes and metadata
   want = {'adapter': 2 * 2 * site, 'prefix': 2 * 2 * p * k * h, 'prompt': q * d}
   assert peft.counts(m) == want == peft.expected_counts(cfg)
   cfg = family('t5', **TINY, peft=dict(ALL, adapter_sites=('attention', 'cross_attention',
