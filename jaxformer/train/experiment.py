@@ -161,6 +161,16 @@ class Experiment:
     if dcfg.target_len is not None and dcfg.target_len > m.max_length:
       fail('data.target_len', dcfg.target_len,
            f'exceeds the model limit model.max_length={m.max_length}')
+    prompt = m.peft.prompt_length
+    if prompt and fam.token_inputs and dcfg.seq_len + prompt > m.max_length:
+      fail('data.seq_len', dcfg.seq_len,
+           f'plus the prompt (model.peft.prompt_length={prompt}) exceeds the model limit '
+           f'model.max_length={m.max_length}')
+    if prompt and dcfg.resolved_packing != 'none':
+      fail('data.packing', dcfg.packing,
+           f"must be 'none' with model.peft.prompt_length={prompt}: the prompt is put in front "
+           'of each row once, so packed examples after the first would not see it (prefix '
+           'tuning, model.peft.prefix_length, serves every packed segment)')
     if fam.packing is not None and dcfg.resolved_packing != 'none':
       fail('data.packing', dcfg.packing,
            f"must be 'none' for model.family={m.family!r}: {fam.packing}")
