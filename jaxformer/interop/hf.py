@@ -105,6 +105,29 @@ def from_hf(source, state_dict=None, *, layout=None, **overrides
       dicts), e.g. `param_dtype='bfloat16'`, `scan_layers=False`, `remat='full'`. Fields that
       change parameter shapes make the load fail.
   """
+  ck = read_checkpoint(source, state_dict, **overrides)
+  return ck.cfg, _load(ck.cfg, ck.rules(), ck.sd, ck.family.ignore, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A Hugging Face checkpoint read for conversion (`read_checkpoint`): its `model_type`, the
+  jaxformer config it describes, its tensors (numpy, keys with the task model's prefix) and its
+  family's conversion rules."""
+  model_type: str
+  cfg: ModelConfig
+  sd: dict[str, np.ndarray]
+  family: _Family
+
+  def rules(self, cfg: ModelConfig | None = None) -> list[hf_rules.Rule]:
+    """The family's rules for `cfg` (default: the checkpoint's own config)."""
+    return self.family.rules(cfg or self.cfg)
+
+
+def read_checkpoint(source, state_dict=None, **overrides) -> Checkpoint:
+  """Reads a checkpoint as `from_hf` does (same `source` / `state_dict` forms and overrides),
+  without building the model: for loaders that place the tensors themselves
+  (`jaxformer.finetune.init_from`)."""
   hf_config, sd = _read_source(source, state_dict)
   model_type = getattr(hf_config, 'model_type', None)
   if model_type not in _FAMILIES:
@@ -115,9 +138,7 @@ def from_hf(source, state_dict=None, *, layout=None, **overrides
   if fam.normalize is not None:
     sd = fam.normalize(sd)
   name, over = fam.config(hf_config, sd)
-  cfg = family(name, **_merge(over, overrides))
-  model = _load(cfg, fam.rules(cfg), sd, fam.ignore, layout)
-  return cfg, model
+  return Checkpoint(model_type, family(name, **_merge(over, overrides)), sd, fam)
 
 
 def electra_from_hf(generator, discriminator, *, layout=None, **overrides
@@ -251,39 +272,55 @@ def _model_shell(cfg: ModelConfig, seed: int = 0, layout=None) -> nnx.Module:
   return model
 
 
-def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore, layout=None
-          ) -> nnx.Module:
-  model = _model_shell(cfg, layout=layout)
-  dtype = cfg.params_dtype
-  used, missing, stacks, filled = set(), [], {}, set()
+def convert(rules, sd: Mapping[str, np.ndarray]
+            ) -> tuple[dict[str, np.ndarray], set[str], dict[str, list[str]]]:
+  """The import side of `rules` over `sd`: ({jaxformer path: array}, the HF keys read, {jaxformer
+  path: the HF keys it lacks}). Floating tensors are converted in float32; per-layer rules are
+  stacked over their groups (a path with a missing layer is only reported as missing)."""
+  used, missing, stacks, arrays = set(), {}, {}, {}
   for r in rules:
-    present = all(k in sd for k in r.hf)
     if r.to_ours is None:
       used.update(k for k in r.hf if k in sd)
       continue
-    if not present:
+    if not all(k in sd for k in r.hf):
       if r.default is None:
-        missing.extend(k for k in r.hf if k not in sd)
+        for path in r.ours:
+          missing.setdefault(path, []).extend(k for k in r.hf if k not in sd)
         continue
-      arrays = r.default()
+      inputs = r.default()
     else:
-      arrays = tuple(np.asarray(sd[k]) for k in r.hf)
+      inputs = tuple(np.asarray(sd[k]) for k in r.hf)
       used.update(r.hf)
-    outs = r.to_ours(*[a.astype(np.float32) if a.dtype.kind == 'f' else a for a in arrays])
+    outs = r.to_ours(*[a.astype(np.float32) if a.dtype.kind == 'f' else a for a in inputs])
     for path, x in zip(r.ours, outs):
       if r.group is None:
-        filled.add(_set(model, path, x, dtype, layout))
+        arrays[path] = x
       else:
         stacks.setdefault(path, {})[r.group] = x
-  if missing:
-    raise ValueError(f'{len(missing)} Hugging Face tensor(s) needed by the converted config are '
-                     f'missing: {sorted(missing)[:12]}')
   for path, slices in stacks.items():
+    if path in missing:
+      continue
     if sorted(slices) != list(range(len(slices))):
       raise AssertionError(f'{path}: layer groups {sorted(slices)} are not contiguous')
-    filled.add(_set(model, path, np.stack([slices[g] for g in range(len(slices))]), dtype,
-                    layout))
-  unused = sorted(k for k in set(sd) - used if not any(re.search(p, k) for p in ignore))
+    arrays[path] = np.stack([slices[g] for g in range(len(slices))])
+  return arrays, used, missing
+
+
+def unused_keys(sd: Mapping[str, np.ndarray], used: set[str], ignore) -> list[str]:
+  """HF keys no rule read, apart from the family's known buffers (`ignore` patterns)."""
+  return sorted(k for k in set(sd) - used if not any(re.search(p, k) for p in ignore))
+
+
+def _load(cfg: ModelConfig, rules, sd: dict[str, np.ndarray], ignore, layout=None
+          ) -> nnx.Module:
+  model = _model_shell(cfg, layout=layout)
+  arrays, used, missing = convert(rules, sd)
+  if missing:
+    keys = sorted({k for ks in missing.values() for k in ks})
+    raise ValueError(f'{len(keys)} Hugging Face tensor(s) needed by the converted config are '
+                     f'missing: {keys[:12]}')
+  filled = {_set(model, path, x, cfg.params_dtype, layout) for path, x in arrays.items()}
+  unused = unused_keys(sd, used, ignore)
   if unused:
     raise ValueError(f'{len(unused)} Hugging Face tensor(s) have no jaxformer counterpart (an '
                      f'unsupported head or feature?): {unused[:12]}')
@@ -374,5 +411,6 @@ def save_hf_safetensors(model: nnx.Module, cfg: ModelConfig, path) -> str:
   return file
 
 
-__all__ = ['electra_from_hf', 'from_hf', 'hf_model_type', 'read_safetensors', 'save_hf_safetensors',
-           'supported_model_types', 'to_hf_config', 'to_hf_state_dict']
+__all__ = ['Checkpoint', 'convert', 'electra_from_hf', 'from_hf', 'hf_model_type',
+           'read_checkpoint', 'read_safetensors', 'save_hf_safetensors', 'supported_model_types',
+           'to_hf_config', 'to_hf_state_dict', 'unused_keys']

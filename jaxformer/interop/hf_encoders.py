@@ -1,6 +1,7 @@
 """Hugging Face encoders <-> jaxformer EncoderModel / ViT (CATALOG E2, E6).
 
-BERT (BertForMaskedLM, BertModel) and RoBERTa (RobertaForMaskedLM, RobertaModel): post-LN
+BERT (BertForMaskedLM, BertModel, BertForSequenceClassification: a Linear classifier on the
+pooler output, our `model.num_labels`) and RoBERTa (RobertaForMaskedLM, RobertaModel): post-LN
 layers, an embedding LayerNorm over word + position + token-type embeddings, an MLM head
 LN(act(h W + b)) E^T + b tied to the word embeddings, an optional tanh pooler. RoBERTa's
 position ids start at padding_idx + 1, so its table of max_position_embeddings rows is our
@@ -46,6 +47,7 @@ _MLM_HEADS = {
                 'generator_lm_head', ('generator_lm_head.bias',)),
 }
 _RTD_HEAD = 'discriminator_predictions'
+_CLASSIFIER = 'classifier.weight'  # BertForSequenceClassification: Linear on the pooler output
 
 
 def bert_config(c, sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
@@ -76,6 +78,8 @@ def bert_config(c, sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
       embed_dropout=float(c.hidden_dropout_prob), residual_dropout=float(c.hidden_dropout_prob))
   if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size:
     over['pad_id'] = c.pad_token_id
+  if name == 'bert' and _CLASSIFIER in sd:  # BertForSequenceClassification
+    over['num_labels'] = int(sd[_CLASSIFIER].shape[0])
   if name == 'electra':
     over.update(embed_dim=c.embedding_size, rtd_head=f'{_RTD_HEAD}.dense.weight' in sd)
     name = 'bert'  # the same encoder; the electra preset is the generator + discriminator pair
@@ -112,6 +116,9 @@ def bert_rules(cfg: ModelConfig, name: str) -> list[R.Rule]:
               *[R.alias('mlm.decoder.bias', k) for k in copies],
               *R.tied_head(cfg, 'embedder.embed.embedding', f'{decoder}.weight',
                            head='mlm.decoder')]
+  if cfg.num_labels and name == 'bert':
+    rules += [R.linear('classifier.dense.w', _CLASSIFIER),
+              R.same('classifier.dense.b', 'classifier.bias')]
   if cfg.rtd_head:
     rules += [R.linear('rtd.dense.w', f'{_RTD_HEAD}.dense.weight'),
               R.same('rtd.dense.b', f'{_RTD_HEAD}.dense.bias'),

@@ -21,7 +21,7 @@ from flax import nnx, struct
 
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import position_registry
+from jaxformer.layers import peft, position_registry
 from jaxformer.layers.base import check_token_ids, param, tag_params, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
@@ -51,15 +51,24 @@ def default_positions(segment_ids: jax.Array | None, batch: int, length: int) ->
 
 
 def self_attention_inputs(cfg: ModelConfig, tokens, segment_ids, positions, *, causal: bool,
-                          cache=None, what: str = 'sequence'):
-  """Checks the length, fills in default positions -> (positions, AttentionMask)."""
+                          cache=None, what: str = 'sequence', prompt_length: int = 0):
+  """Checks the length, fills in default positions -> (positions, AttentionMask).
+
+  With a prompt of `prompt_length` P (prompt tuning, jaxformer/layers/peft.py), both describe
+  [prompt; tokens] (only the tokens with a cache, which holds the prompt already).
+  """
   b, t = tokens.shape
-  if cache is None and t > cfg.max_length:
-    raise ValueError(f'{what} length {t} exceeds model.max_length={cfg.max_length}')
+  if cache is None and t + prompt_length > cfg.max_length:
+    raise ValueError(f'{what} length {t}' + (f' + a prompt of {prompt_length}' if prompt_length
+                                             else '') +
+                     f' exceeds model.max_length={cfg.max_length}')
   if positions is None:
     if cache is not None:
       raise ValueError('decoding with a cache needs explicit positions for the new tokens')
     positions = default_positions(segment_ids, b, t)
+  if prompt_length:
+    segment_ids, positions = peft.prompt_inputs(prompt_length, segment_ids, positions,
+                                                cache=cache)
   mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                        q_positions=positions, kv_positions=positions, causal=causal,
                        window=cfg.attention.window)
@@ -88,12 +97,20 @@ class TokenEmbedder(nnx.Module):
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
     self.input_delta: EmbeddingDelta | None = nnx.data(None)
 
-  def __call__(self, ids, positions, *, token_types=None, deterministic=True):
+  def __call__(self, ids, positions, *, token_types=None, prompt=None, deterministic=True):
+    """ids [B, T] -> [B, T, D]; with `prompt` (a `layers.peft.Prompt`, P vectors), [B, P + T, D]
+    with the prompt in front of the token embeddings (`positions` and `token_types`, if given,
+    are then [B, P + T] and [B, T])."""
     cfg = self.cfg
     check_token_ids(ids, cfg.vocab_size, 'input token ids')
     x = self.embed(ids).astype(cfg.compute_dtype)  # scaled by sqrt(D) when model.embed_scale
-    if self.input_delta is not None:
+    if self.input_delta is not None:  # the tokens' own embeddings; a prompt is not shifted
       x = x + self.input_delta[...].astype(x.dtype)
+    if prompt is not None:
+      x = jnp.concatenate([prompt(x.shape[0], x.dtype), x], axis=1)
+      if token_types is not None:
+        token_types = jnp.pad(token_types, ((0, 0), (prompt.length, 0)))
+      ids = jnp.pad(ids, ((0, 0), (prompt.length, 0)))
     absolute = self.position.embed(self.positions, positions)
     if absolute is not None:
       x = x + absolute.astype(x.dtype)

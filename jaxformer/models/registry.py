@@ -37,6 +37,10 @@ the rest of the code asks about a family is a field here, so no caller branches 
   * `input_embedder`: the attribute path ('a.b') of the `TokenEmbedder` that embeds the
     model's first input (its source tokens), whose `input_delta` hook jaxformer.analysis
     perturbs; None for a family without token embeddings.
+  * `peft`: the parameter-efficient modules of `model.peft` (jaxformer/layers/peft.py) it
+    takes: 'adapter' (bottleneck adapters in its TransformerBlocks), 'cross_adapter' (also after
+    their cross-attention), 'prefix' (learned keys/values in their self-attention), 'prompt'
+    (learned input embeddings before its TokenEmbedder's tokens); others are refused.
   * `check`: optional 'module:function' run by `ModelConfig.validate` for the family's own
     fields (it raises ConfigError naming the field).
 
@@ -71,6 +75,7 @@ class Family:
   pipeline: str | None = None
   input_embedder: str | None = 'embedder'
   check: str | None = None
+  peft: tuple[str, ...] = ()
 
   def build(self, cfg, *, rngs):
     return _resolve(self.model)(cfg, rngs=rngs)
@@ -114,13 +119,15 @@ def _resolve(path: str) -> Any:
 
 SEQ2SEQ_TASKS = ('seq2seq', 'span_corruption', 'denoise')
 
+PEFT = ('adapter', 'prefix', 'prompt')
 register(Family('decoder', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
-                generation='decoder', single_stack=True, context_parallel=True))
+                generation='decoder', single_stack=True, context_parallel=True, peft=PEFT))
 register(Family('encoder', 'jaxformer.models.encoder:EncoderModel', ('mlm', 'classification'),
-                single_stack=True, context_parallel=True, embed_projection=True))
+                single_stack=True, context_parallel=True, embed_projection=True, peft=PEFT))
 register(Family('encoder_decoder', 'jaxformer.models.encoder_decoder:EncoderDecoder',
                 SEQ2SEQ_TASKS, causal=True, generation='seq2seq', input_embedder='enc_embedder',
-                depth_fields=('num_layers', 'num_decoder_layers')))
+                depth_fields=('num_layers', 'num_decoder_layers'),
+                peft=PEFT + ('cross_adapter',)))
 register(Family('vit', 'jaxformer.models.vit:ViT', ('classification',), single_stack=True,
                 token_inputs=False, input_embedder=None, check='jaxformer.models.vit:check_config'))
 register(Family(

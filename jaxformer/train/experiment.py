@@ -7,6 +7,8 @@ A config file (`configs/*.py`) returns an `ml_collections.ConfigDict` with the s
   optim     jaxformer.train.optimizer.OptimConfig fields
   train     TrainConfig fields below
   parallel  jaxformer.parallel.config.ParallelConfig fields (mesh, preset, rules)
+  finetune  jaxformer.finetune.config.FinetuneConfig fields (init_from, method, LoRA, unfreezing)
+  compress  jaxformer.compress.config.CompressConfig fields (QAT, pruning, distillation)
 
 `Experiment.from_config` turns it into frozen dataclasses; every error names the dotted field
 and the allowed values, and cross-section checks (task vs family, sequence length vs the model's
@@ -25,11 +27,13 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jaxformer.compress.config import CompressConfig
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
 from jaxformer.analysis.adversarial import ATTACKS
 from jaxformer.analysis.maps import check_weights
 from jaxformer.data.config import DataConfig
 from jaxformer.data.curriculum import Curriculum
+from jaxformer.finetune.config import FinetuneConfig
 from jaxformer.models.stack import layer_period
 from jaxformer.parallel import pipeline as pipeline_lib
 from jaxformer.parallel.config import ParallelConfig, check_context
@@ -131,11 +135,13 @@ class Experiment:
   optim: OptimConfig
   train: TrainConfig
   parallel: ParallelConfig
+  finetune: FinetuneConfig = FinetuneConfig()
+  compress: CompressConfig = CompressConfig()
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> 'Experiment':
     d = _to_plain(config)
-    allowed = {'model', 'data', 'optim', 'train', 'parallel'}
+    allowed = {'model', 'data', 'optim', 'train', 'parallel', 'finetune', 'compress'}
     unknown = sorted(set(d) - allowed)
     if unknown:
       raise ConfigError(f'config: unknown section(s) {unknown}; allowed sections are '
@@ -162,8 +168,12 @@ class Experiment:
           'its final value (optim.end_lr_ratio=%g of optim.lr) for the last %d steps. Leave '
           'optim.total_steps unset to make the schedule as long as the run.',
           optim.total_steps, train.steps, optim.end_lr_ratio, train.steps - optim.total_steps)
+    finetune = _build(FinetuneConfig, d.get('finetune', {}), 'finetune')
+    finetune.validate()
+    compress = _build(CompressConfig, d.get('compress', {}), 'compress')
+    compress.validate()
     exp = cls(model=ModelConfig.from_dict(d['model']), data=DataConfig.from_dict(d['data']),
-              optim=optim, train=train, parallel=parallel)
+              optim=optim, train=train, parallel=parallel, finetune=finetune, compress=compress)
     exp.validate()
     return exp
 
@@ -177,6 +187,16 @@ class Experiment:
     if dcfg.target_len is not None and dcfg.target_len > m.max_length:
       fail('data.target_len', dcfg.target_len,
            f'exceeds the model limit model.max_length={m.max_length}')
+    prompt = m.peft.prompt_length
+    if prompt and fam.token_inputs and dcfg.seq_len + prompt > m.max_length:
+      fail('data.seq_len', dcfg.seq_len,
+           f'plus the prompt (model.peft.prompt_length={prompt}) exceeds the model limit '
+           f'model.max_length={m.max_length}')
+    if prompt and dcfg.resolved_packing != 'none':
+      fail('data.packing', dcfg.packing,
+           f"must be 'none' with model.peft.prompt_length={prompt}: the prompt is put in front "
+           'of each row once, so packed examples after the first would not see it (prefix '
+           'tuning, model.peft.prefix_length, serves every packed segment)')
     if fam.packing is not None and dcfg.resolved_packing != 'none':
       fail('data.packing', dcfg.packing,
            f"must be 'none' for model.family={m.family!r}: {fam.packing}")
@@ -322,7 +342,9 @@ def _plain(x):
 def default_config(*, model: Mapping[str, Any] | None = None,
                    data: Mapping[str, Any] | None = None, optim: Mapping[str, Any] | None = None,
                    train: Mapping[str, Any] | None = None,
-                   parallel: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+                   parallel: Mapping[str, Any] | None = None,
+                   finetune: Mapping[str, Any] | None = None,
+                   compress: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """A ConfigDict with every field of every section filled in (defaults, then the given values).
 
   Config files start from it so that any field can be overridden from the command line
@@ -333,6 +355,8 @@ def default_config(*, model: Mapping[str, Any] | None = None,
       'data': DataConfig.from_dict(data or {}),
       'optim': OptimConfig.from_dict(optim or {}),
       'train': _build(TrainConfig, dict(train or {}), 'train'),
+      'finetune': _build(FinetuneConfig, dict(finetune or {}), 'finetune'),
+      'compress': _build(CompressConfig, dict(compress or {}), 'compress'),
   }
   out = {k: _overridable(v) for k, v in sections.items()}
   out['parallel'] = _parallel_section(parallel)

@@ -4,7 +4,9 @@
 plan command (`python -m jaxformer.parallel.plan`) and the layout tests share. It knows, before
 anything is compiled or allocated:
 
-  abstract_state    the train state {'params', 'opt_state', 'step'[, 'loss_scale']} as shapes
+  abstract_state    the train state {'params', 'opt_state', 'step'[, 'loss_scale'][, 'frozen']}
+                    as shapes; 'params' are the trainable parameters and 'frozen' the rest
+                    (under finetune.method lora / qlora / modules; see param_plan.py)
   state_shardings   where every leaf lives (parameters by their logical names; optimizer moments
                     like their parameters; counters replicated); building them refuses a mesh
                     axis that does not divide the dimension it shards
@@ -32,15 +34,17 @@ from jaxformer.parallel.sharding import Layout
 from jaxformer.train import optimizer as optim_lib
 from jaxformer.train import tasks
 from jaxformer.train.experiment import Experiment
+from jaxformer.train.param_plan import ParamPlan
 from jaxformer.train.precision import make_loss_scale
 from jaxformer.train.step import make_eval_step, make_train_step
 
 
 class TrainProgram:
-  """See the module docstring. `regular_ids` = (lo, hi) marks byte tokens for bits per byte."""
+  """See the module docstring. `regular_ids` = (lo, hi) marks byte tokens for bits per byte;
+  `fresh`: parameter paths the finetune.init_from source lacks (they train)."""
 
   def __init__(self, exp: Experiment, layout: Layout, *,
-               regular_ids: tuple[int, int] | None = None):
+               regular_ids: tuple[int, int] | None = None, fresh=()):
     stages = layout.sizes.get('stage', 1)
     if stages > 1 and layout.pipeline is None:
       exp.check_pipeline(stages)
@@ -54,8 +58,13 @@ class TrainProgram:
         R.MLP: m.ffn_hidden_dim, R.VOCAB: m.vocab_size, R.EMBED: m.d_model,
         R.EXPERT: max(m.moe.num_experts, 1)})
     abstract = state_lib.abstract_model(exp.model, seed)
-    self.graphdef, abstract_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
-    self.param_shardings = layout.state_shardings(abstract_params)
+    self.graphdef, model_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    self.abstract_model_params = model_params
+    self.model_param_shardings = layout.state_shardings(model_params)
+    self.plan = ParamPlan(exp.finetune, model_params, fresh=fresh)
+    abstract_params, abstract_frozen = jax.eval_shape(self.plan.split, model_params)
+    self.param_shardings, self.frozen_shardings = self.plan.shardings(
+        abstract_params, abstract_frozen, layout)
     self.rest_shardings = layout.state_shardings(self.abstract_rest)
     self.tx = optim_lib.make_optimizer(exp.optim.replace(skip_nonfinite=True), abstract_params)
     self.opt_shardings = state_lib.optimizer_shardings(self.tx, abstract_params,
@@ -68,32 +77,74 @@ class TrainProgram:
     self.state_shardings: dict[str, Any] = {
         'params': self.param_shardings, 'opt_state': self.opt_shardings,
         'step': layout.replicated}
+    if abstract_frozen is not None:
+      self.abstract_state['frozen'] = abstract_frozen
+      self.state_shardings['frozen'] = self.frozen_shardings
     if make_loss_scale(exp.optim) is not None:
       self.abstract_state['loss_scale'] = jax.eval_shape(lambda: make_loss_scale(exp.optim))
       self.state_shardings['loss_scale'] = layout.replicated
     self.batch_sharding = layout.batch_sharding()
-    self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+    self.num_params = sum(x.size for x in jax.tree.leaves(model_params))
+    self.num_trainable = sum(x.size for x in jax.tree.leaves(abstract_params))
 
   # ---------------------------------------------------------------- state
   def target(self) -> Any:
-    """The abstract train state with its shardings: what a checkpoint is restored into."""
-    return state_lib.abstract_with(self.abstract_state, self.state_shardings)
+    """The abstract train state with its shardings, without the frozen parameters (never
+    checkpointed): what a checkpoint is restored into."""
+    return state_lib.abstract_with(
+        {k: v for k, v in self.abstract_state.items() if k != 'frozen'},
+        {k: v for k, v in self.state_shardings.items() if k != 'frozen'})
 
-  def init_state(self) -> dict[str, Any]:
-    """A fresh train state, every leaf created on its devices (see parallel/state.py)."""
-    exp, seed = self.exp, self.exp.train.seed
+  def _model_params(self, initial):
+    """The model's full parameters: `initial` (loaded from finetune.init_from), or made by
+    the model's initialisers."""
+    if initial is not None:
+      return initial
+    return nnx.state(state_lib._build(self.exp.model, self.exp.train.seed), nnx.Param)  # pylint: disable=protected-access
 
-    def init():
-      model = state_lib._build(exp.model, seed)  # pylint: disable=protected-access
-      params = nnx.state(model, nnx.Param)
+  def _split_key(self):
+    return jax.random.fold_in(jax.random.key(self.exp.train.seed), 0x10AA)
+
+  def init_state(self, initial=None) -> dict[str, Any]:
+    """A fresh train state, every leaf created on its devices (see parallel/state.py).
+    `initial`: the model's parameters to start from (finetune.init_from), laid out by
+    `model_param_shardings`."""
+    exp = self.exp
+
+    def init(initial):
+      params, frozen = self.plan.split(self._model_params(initial), self._split_key())
       state = {'params': params, 'opt_state': self.tx.init(params),
                'step': jnp.zeros((), jnp.int32)}
+      if frozen is not None:
+        state['frozen'] = frozen
       scale = make_loss_scale(exp.optim)
       if scale is not None:
         state['loss_scale'] = scale
       return state
 
-    return jax.jit(init, out_shardings=self.state_shardings)()
+    return jax.jit(init, out_shardings=self.state_shardings)(initial)
+
+  def frozen(self, initial=None) -> Any:
+    """The frozen parameters (None under finetune.method='full'), made in place from `initial`
+    or the model's initialisers: what a restored state lacks."""
+    if self.frozen_shardings is None:
+      return None
+    return jax.jit(lambda p: self.plan.split(self._model_params(p), self._split_key())[1],
+                   out_shardings=self.frozen_shardings)(initial)
+
+  def model_view(self, state) -> Any:
+    """What the eval step takes: the trainable parameters, with the frozen ones if any."""
+    if 'frozen' not in state:
+      return state['params']
+    return {'params': state['params'], 'frozen': state['frozen']}
+
+  @functools.cached_property
+  def full_params(self):
+    """jit(view) -> the model's full parameters (LoRA merged, QLoRA base dequantized): what
+    export and sampling use. `view` is `model_view(state)`."""
+    def full(view):
+      return view if self.plan.full else self.plan.model_params(view['params'], view['frozen'])
+    return jax.jit(full, out_shardings=self.model_param_shardings)
 
   @functools.cached_property
   def rest(self) -> Any:
@@ -119,7 +170,7 @@ class TrainProgram:
         self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
         tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed,
         grad_shardings=self.param_shardings if self.layout.mesh.size > 1 else None,
-        pipelined=self.layout.pipeline is not None)
+        pipelined=self.layout.pipeline is not None, plan=self.plan)
     return jax.jit(self.layout.wrap(step),
                    in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.layout.replicated),
@@ -127,12 +178,17 @@ class TrainProgram:
 
   @functools.cached_property
   def eval_step(self):
-    """jit(step)(params, batch) -> metric sums (replicated)."""
+    """jit(step)(view, batch) -> metric sums (replicated); `view` is `model_view(state)`
+    (the parameters under finetune.method='full')."""
     exp = self.exp
     step = make_eval_step(self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model,
-                          loss_cfg=tasks.LossConfig(), regular_ids=self.regular_ids)
+                          loss_cfg=tasks.LossConfig(), regular_ids=self.regular_ids,
+                          plan=self.plan)
+    view = self.param_shardings
+    if self.frozen_shardings is not None:
+      view = {'params': self.param_shardings, 'frozen': self.frozen_shardings}
     return jax.jit(self.layout.wrap(step),
-                   in_shardings=(self.param_shardings, self.batch_sharding),
+                   in_shardings=(view, self.batch_sharding),
                    out_shardings=self.layout.replicated)
 
   def abstract_batch(self, batch) -> dict[str, jax.ShapeDtypeStruct]:

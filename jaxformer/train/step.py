@@ -1,7 +1,10 @@
 """Functional train and eval steps (nnx.split / nnx.merge under jax.jit, donated state).
 
-State is a plain pytree {'params': nnx.State, 'opt_state': optax state, 'step': int32}; the model
-structure (graphdef) and non-parameter variables (RNG streams) stay outside it. Dropout keys are
+State is a plain pytree {'params': trainable parameters, 'opt_state': optax state, 'step': int32
+[, 'frozen': parameters that do not train]}; the model structure (graphdef) and non-parameter
+variables (RNG streams) stay outside it. A `ParamPlan` (jaxformer/train/param_plan.py) makes the
+model's parameters from 'params' and 'frozen' (LoRA, a quantized base) and masks gradients and
+updates of the groups gradual unfreezing keeps frozen; without one 'params' are the model's. Dropout keys are
 `fold_in(seed key, step)`, so a resumed run draws exactly the masks of an uninterrupted one.
 
 A step splits the batch into `optim.grad_accum_steps` micro-batches and feeds them through the
@@ -59,7 +62,7 @@ def with_dropout_key(rest, key):
 def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
                     loss_cfg: tasks.LossConfig, tx: optax.GradientTransformation,
                     accum_steps: int, seed: int, loss_scale=None, grad_shardings=None,
-                    pipelined: bool = False):
+                    pipelined: bool = False, plan=None):
   """Returns train_step(state, batch) -> (state, metrics).
 
   `grad_shardings` (the parameters' shardings) pins each gradient to its parameter's layout
@@ -71,20 +74,27 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
   param_dtype = model_cfg.params_dtype
   microbatches = accum_steps if pipelined else 1
 
-  def loss_fn(params, batch, key):
-    model = nnx.merge(graphdef, params, with_dropout_key(rest, key))
+  def loss_fn(params, frozen, batch, key):
+    full = params if plan is None else plan.model_params(params, frozen)
+    model = nnx.merge(graphdef, full, with_dropout_key(rest, key))
     return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False,
                               microbatches=microbatches)
 
   def micro_step(carry, micro):
-    params, opt_state, scale, step, i = carry
+    # The frozen parameters ride in the carry: Variables closed over from outside the scan
+    # would belong to another trace level than the model merged inside it.
+    params, opt_state, scale, step, i, frozen = carry
     key = jax.random.fold_in(jax.random.fold_in(base_key, step), i)
     if scale is not None:
       grad_fn = scale.value_and_grad(loss_fn, has_aux=True)
-      scale, _, (loss, metrics), grads = grad_fn(params, micro, key)
+      scale, _, (loss, metrics), grads = grad_fn(params, frozen, micro, key)
     else:
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, key)
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, micro,
+                                                                         key)
     grads = cast_floating(grads, param_dtype)
+    mask = None if plan is None else plan.update_mask(step)
+    if mask is not None:
+      grads = plan.masked(grads, mask)
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -92,17 +102,19 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
     def update(_, carry):
       params, opt_state = carry
       updates, opt_state = tx.update(grads, opt_state, params)
+      if mask is not None:  # weight decay would still move a frozen group
+        updates = plan.masked(updates, mask)
       return optax.apply_updates(params, updates), opt_state
 
     # Pipelined: the mean gradient once for each micro-batch (a loop, not M copies to compile).
     params, opt_state = jax.lax.fori_loop(0, microbatches, update, (params, opt_state))
-    return (params, opt_state, scale, step, i + 1), metrics
+    return (params, opt_state, scale, step, i + 1, frozen), metrics
 
   def train_step(state, batch):
     micro = split_micro(batch, accum_steps // microbatches)
     carry = (state['params'], state['opt_state'], state.get('loss_scale'), state['step'],
-             jnp.zeros((), jnp.int32))
-    (params, opt_state, scale, _, _), metrics = jax.lax.scan(micro_step, carry, micro)
+             jnp.zeros((), jnp.int32), state.get('frozen'))
+    (params, opt_state, scale, _, _, _), metrics = jax.lax.scan(micro_step, carry, micro)
     metrics = {k: (jnp.sum(v) if k in METRIC_SUMS else jnp.mean(v)) for k, v in metrics.items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
     if scale is not None:
@@ -114,15 +126,20 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
 
 
 def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
-                   loss_cfg: tasks.LossConfig, regular_ids: tuple[int, int] | None = None):
-  """Returns eval_step(params, batch) -> sums {nll_sum, correct_sum, num_tokens[, num_bytes]}
+                   loss_cfg: tasks.LossConfig, regular_ids: tuple[int, int] | None = None,
+                   plan=None):
+  """Returns eval_step(view, batch) -> sums {nll_sum, correct_sum, num_tokens[, num_bytes]}
   (and rtd_loss_sum, rtd_correct_sum, rtd_tokens for the discriminator of task 'rtd').
 
   `regular_ids` = (lo, hi) marks byte tokens for bits per byte: the loss of every target counts,
   but only byte targets count as bytes (special tokens such as EOS cost bits but are not bytes).
   """
 
-  def eval_step(params, batch):
+  def eval_step(view, batch):
+    # view: the parameters, or {'params', 'frozen'} with a plan (TrainProgram.model_view).
+    params = view
+    if plan is not None and not plan.full:
+      params = plan.model_params(view['params'], view['frozen'])
     # Deterministic: dropout is off, the fresh stream keys only keep the graph well formed.
     model = nnx.merge(graphdef, params, with_dropout_key(rest, jax.random.key(0)))
     _, metrics = tasks.compute_loss(model, task, batch, model_cfg, loss_cfg,

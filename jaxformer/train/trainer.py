@@ -39,6 +39,7 @@ from jaxformer.parallel.sharding import Layout
 from jaxformer.train import checkpoint as ckpt_lib
 from jaxformer.train import metrics as metrics_lib
 from jaxformer.train import optimizer as optim_lib
+from jaxformer.train import param_plan
 from jaxformer.train.experiment import Experiment
 from jaxformer.train.program import TrainProgram
 from jaxformer.config import ConfigError
@@ -145,12 +146,6 @@ class Trainer:
     if self.tokenizer is not None and getattr(self.tokenizer, 'char_level', False):
       ids = self.tokenizer.regular_ids
       regular = (ids.start, ids.stop)
-    # Shapes, shardings and the mesh's fit to every parameter are known here, before anything
-    # is allocated or compiled.
-    self.program = TrainProgram(exp, self.layout, regular_ids=regular)
-    self.graphdef = self.program.graphdef
-    self.num_params = self.program.num_params
-    self.tx = self.program.tx
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoint,
                                       save_interval_steps=t.checkpoint_every,
@@ -159,10 +154,25 @@ class Trainer:
       raise ckpt_lib.CheckpointError(
           f'no checkpoint in {self.ckpt.directory}: nothing to evaluate or sample; train first '
           f'(python -m jaxformer.train --workdir={self.workdir} ...)')
-    self._restore_or_init()
+    # The init_from source is read when a fresh start needs it, or when the frozen parameters
+    # (never checkpointed) come from it.
+    ft = exp.finetune
+    initial, fresh = None, ()
+    if ft.init_from and (ft.method != 'full' or not self.ckpt.all_steps()):
+      initial, fresh = self._load_initial(ft.init_from)
+    # Shapes, shardings and the mesh's fit to every parameter are known here, before anything
+    # is allocated or compiled.
+    self.program = TrainProgram(exp, self.layout, regular_ids=regular, fresh=fresh)
+    self.graphdef = self.program.graphdef
+    self.num_params = self.program.num_params
+    self.tx = self.program.tx
+    if ft.method != 'full' and mode == 'train':
+      log.info(param_plan.describe(self.program.plan, self.program.abstract_state['params'],
+                                   self.num_params))
+    self._restore_or_init(initial)
     if mode == 'train' and distributed.is_primary():
       save_config(self.workdir, exp.to_dict())
-      save_param_summary(self.workdir, self.program.abstract_state['params'])
+      save_param_summary(self.workdir, self.program.abstract_model_params)
 
   def close(self) -> None:
     """Waits for checkpoint writes and releases the run folder (idempotent)."""
@@ -190,17 +200,35 @@ class Trainer:
     return self.program.eval_step
 
   # ---------------------------------------------------------------- checkpoints
-  def _restore_or_init(self) -> None:
-    """Restores the newest good checkpoint straight into its shardings, or initialises."""
+  def _load_initial(self, source: str):
+    """(the model's parameters from finetune.init_from laid out on the mesh, the paths the
+    source lacks)."""
+    from jaxformer.finetune import init_from  # pylint: disable=import-outside-toplevel
+    from jaxformer.parallel import state as state_lib  # pylint: disable=import-outside-toplevel
+    exp = self.exp
+    abstract = nnx.state(state_lib.abstract_model(exp.model, exp.train.seed), nnx.Param)
+    abstract = state_lib.abstract_with(abstract, self.layout.state_shardings(abstract))
+    params, fresh = init_from.load_initial_params(source, exp.model, abstract, self.layout,
+                                                  seed=exp.train.seed)
+    log.info('initialised from %s', source)
+    return params, fresh
+
+  def _restore_or_init(self, initial=None) -> None:
+    """Restores the newest good checkpoint straight into its shardings, or initialises (from
+    `initial`, the finetune.init_from parameters, when given)."""
     data = self.train_iter if self.mode == 'train' else None
     restored = self.ckpt.restore(self.program.target(), data=data,
                                  read_only=self.mode == 'eval')
     if restored is None:
       if self.mode == 'train':
-        log.info('no checkpoint in %s: starting from scratch', self.ckpt.directory)
-      self.state = self.program.init_state()
+        log.info('no checkpoint in %s: starting %s', self.ckpt.directory,
+                 f'from {self.exp.finetune.init_from}' if initial is not None else 'from scratch')
+      self.state = self.program.init_state(initial)
       return
     step, self.state, extras = restored
+    frozen = self.program.frozen(initial)
+    if frozen is not None:
+      self.state['frozen'] = frozen
     if isinstance(data, CurriculumIterator):
       self._restore_curriculum(step, data, extras)
     elif data is not None and not self.ckpt.data_restored and extras.get('data') is not None:
@@ -232,7 +260,9 @@ class Trainer:
     if not force and not self.ckpt.should_save(step):
       return False
     self._check_finite(step)
-    return self.ckpt.save(step, self.state, {'step': step}, data=self.train_iter, force=force)
+    # The frozen parameters are not saved: they are rebuilt from finetune.init_from.
+    saved = {k: v for k, v in self.state.items() if k != 'frozen'}
+    return self.ckpt.save(step, saved, {'step': step}, data=self.train_iter, force=force)
 
   def _check_finite(self, step: int) -> None:
     skipped = int(optim_lib.num_skipped(self.state['opt_state']))
@@ -275,7 +305,7 @@ class Trainer:
       if 0 < num_batches <= read:
         whole = False
         break
-      sums = self.eval_step(self.state['params'], self._device_batch(batch))
+      sums = self.eval_step(self.program.model_view(self.state), self._device_batch(batch))
       totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
       read += 1
     it.close()
@@ -428,8 +458,12 @@ class Trainer:
     return tokens, flops
 
   # ---------------------------------------------------------------- sampling
+  def model_params(self):
+    """The model's full parameters (LoRA merged into its base, a quantized base dequantized)."""
+    return self.program.full_params(self.program.model_view(self.state))
+
   def model(self) -> nnx.Module:
-    return nnx.merge(self.graphdef, self.state['params'], self.rest)
+    return nnx.merge(self.graphdef, self.model_params(), self.rest)
 
   def sample_room(self, prompt: str, num_tokens: int, field: str) -> list[int]:
     """The prompt's ids; raises ConfigError naming `field` unless `num_tokens` new tokens fit
