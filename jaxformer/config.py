@@ -296,6 +296,30 @@ class SwinConfig:
   mlp_ratio: float = 4.0
 
 
+PEFT_SITES = ('attention', 'cross_attention', 'ffn')
+
+
+@dataclasses.dataclass(frozen=True)
+class PEFTConfig:
+  """Parameter-efficient fine-tuning modules (CATALOG K; `jaxformer.layers.peft`), each off at 0.
+
+  `adapter_dim` r > 0: a bottleneck adapter h + W_up act(W_down h + b_down) + b_up (Houlsby et
+  al. 2019) on the output of each sublayer named in `adapter_sites` ('attention': self-attention,
+  'cross_attention': the decoder's cross-attention, 'ffn': the FFN or MoE), before the residual
+  add; W_up and b_up start at zero, so the model starts equal to the one without adapters.
+  `prefix_length` P > 0: P learned keys and values per self-attention layer (Li & Liang 2021),
+  seen by every query of every packed segment, without position information.
+  `prompt_length` P > 0: P learned input embeddings in front of the tokens (Lester et al. 2021);
+  the outputs at their positions are dropped (decoders, encoders) or kept for cross-attention
+  (the encoder of an encoder-decoder). Which families take which: `Family.peft`.
+  """
+  adapter_dim: int = 0
+  adapter_sites: tuple[str, ...] = ('attention', 'ffn')
+  adapter_activation: str = 'relu'
+  prefix_length: int = 0
+  prompt_length: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
@@ -316,6 +340,7 @@ class ModelConfig:
   conformer: ConformerConfig = ConformerConfig()
   swin: SwinConfig = SwinConfig()
   mamba: MambaConfig = MambaConfig()
+  peft: PEFTConfig = PEFTConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -527,6 +552,7 @@ class ModelConfig:
       fail('model.perceiver.cross_heads', pc.cross_heads,
            f'must divide model.d_model={self.d_model}')
     self._validate_mamba()
+    self._validate_peft()
     if self.ffn.chunk_size is not None and self.ffn.chunk_size <= 0:
       fail('model.ffn.chunk_size', self.ffn.chunk_size, 'must be a positive integer or None')
     if self.reversible:
@@ -566,6 +592,70 @@ class ModelConfig:
     if m.attention_every < 0:
       fail('model.mamba.attention_every', m.attention_every,
            'must be >= 0 (0: every layer is Mamba; k: every k-th layer is attention)')
+
+  def _validate_peft(self) -> None:
+    from jaxformer.models import registry  # pylint: disable=import-outside-toplevel
+    pf, fam = self.peft, self.family_spec
+
+    def takes(piece: str, field: str, value) -> None:
+      if piece not in fam.peft:
+        can = [n for n in registry.names() if piece in registry.get(n).peft]
+        fail(field, value, f'model.family={self.family!r} does not take it (its blocks or '
+             f'embeddings are not the shared TransformerBlock / TokenEmbedder that carry the '
+             f'PEFT modules): use 0, or one of the families {can}')
+
+    for name in ('adapter_dim', 'prefix_length', 'prompt_length'):
+      if not isinstance(getattr(pf, name), int) or getattr(pf, name) < 0:
+        fail(f'model.peft.{name}', getattr(pf, name), 'must be an integer >= 0 (0: off)')
+    if pf.adapter_dim:
+      takes('adapter', 'model.peft.adapter_dim', pf.adapter_dim)
+      check_choice('model.peft.adapter_activation', pf.adapter_activation, ACTIVATIONS)
+      if not pf.adapter_sites or len(set(pf.adapter_sites)) != len(pf.adapter_sites):
+        fail('model.peft.adapter_sites', pf.adapter_sites,
+             f'must be a non-empty tuple of distinct sites from {list(PEFT_SITES)}')
+      for site in pf.adapter_sites:
+        check_choice('model.peft.adapter_sites', site, PEFT_SITES)
+      if 'cross_attention' in pf.adapter_sites:
+        takes('cross_adapter', 'model.peft.adapter_sites', pf.adapter_sites)
+      if self.reversible:
+        fail('model.peft.adapter_dim', pf.adapter_dim,
+             'must be 0 with model.reversible=True: the reversible layers run the attention and '
+             'FFN branches by hand (models/reversible.py) and would skip the adapters')
+    if pf.prefix_length:
+      self._validate_prefix()
+    if pf.prompt_length:
+      takes('prompt', 'model.peft.prompt_length', pf.prompt_length)
+      if pf.prompt_length >= self.max_length:
+        fail('model.peft.prompt_length', pf.prompt_length,
+             f'must be < model.max_length={self.max_length}: the prompt takes positions of '
+             'every row')
+      if self.moe.num_experts and self.moe.router == 'hash':
+        fail('model.peft.prompt_length', pf.prompt_length,
+             "must be 0 with model.moe.router='hash': the hash router routes by token id, and "
+             'prompt vectors have none')
+
+  def _validate_prefix(self) -> None:
+    from jaxformer.attention import registry as attention  # pylint: disable=import-outside-toplevel
+    from jaxformer.layers import position_registry  # pylint: disable=import-outside-toplevel
+    from jaxformer.models import registry  # pylint: disable=import-outside-toplevel
+    p, fam, a = self.peft.prefix_length, self.family_spec, self.attention
+    field = 'model.peft.prefix_length'
+    if 'prefix' not in fam.peft:
+      can = [n for n in registry.names() if 'prefix' in registry.get(n).peft]
+      fail(field, p, f'model.family={self.family!r} does not take it (its layers are not the '
+           f'shared Attention of a TransformerBlock stack): use 0, or one of {can}')
+    impl = attention.resolve_impl(a.kind, a.impl, {'prefix'}, self.compute_dtype)
+    if 'prefix' not in attention.lookup(a.kind, impl).features:
+      can = [f'{k}/{i}' for k, i in attention.entries()
+             if 'prefix' in attention.lookup(k, i).features]
+      fail(field, p, f'model.attention.kind={a.kind!r} (impl={impl!r}) cannot attend to extra '
+           'keys and values outside the sequence (its masks are built from segment ids and '
+           f'positions of the sequence itself); attention that can: {can}')
+    if 'shaw' in position_registry.lookup(self.position.kind).attention_features:
+      fail(field, p, f'model.position.kind={self.position.kind!r} adds relative terms between '
+           'key and query positions, and prefix keys have no position; use a kind without '
+           "them (e.g. 'rope', 'learned', 't5', 'alibi': prefixes get no rotation and a zero "
+           'bias)')
 
   def _validate_reversible(self) -> None:
     why = 'model.reversible=True needs '

@@ -8,7 +8,9 @@ W^O [N, H, D]. The core (`cfg.attention.kind` / `impl`) comes from the registry,
 takes every kind. Optional: QK-norm (RMSNorm over H on q and k, Dehghani et al. 2023); the
 position kind's attention hooks in self-attention (jaxformer/layers/position_registry.py: RoPE's
 `rotate` of q and k, Shaw's `attention_terms`, whose tables live under the kind's name); an
-additive bias (ALiBi, T5) given by the caller.
+additive bias (ALiBi, T5) given by the caller. With `model.peft.prefix_length` P, every
+self-attention layer puts P learned keys and values in front of its own (prefix tuning,
+jaxformer/layers/peft.py `Prefix`; the mask's `kv_prefix`); they are not written to the cache.
 
 KV cache (explicit and functional, a dict pytree that works under jit and scan):
   self-attention  {'k', 'v': [B, S, K, H], 'segment_ids': [B, S] int32 (0 = empty slot),
@@ -32,7 +34,7 @@ from flax.core import FrozenDict
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import base, position_registry
+from jaxformer.layers import base, peft, position_registry
 from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
@@ -67,6 +69,8 @@ def needed_features(cfg: ModelConfig, *, cross: bool, causal: bool) -> set[str]:
     needed.add('softcap')
   if a.dropout > 0.0:
     needed.add('dropout')
+  if cfg.peft.prefix_length and not cross:
+    needed.add('prefix')
   return needed
 
 
@@ -129,6 +133,8 @@ class Attention(nnx.Module):
     if hasattr(self, self.position.name):
       raise ValueError(f'position kind {self.position.name!r} clashes with an attribute of '
                        'Attention; register it under another name')
+    self.prefix = (peft.Prefix(cfg, rngs=rngs) if cfg.peft.prefix_length and not cross
+                   else None)
     position_params = self.position.attention_params(rngs=rngs)
     if position_params is not None:
       setattr(self, self.position.name, position_params)
@@ -249,6 +255,10 @@ class Attention(nnx.Module):
       bias = key_term if bias is None else bias + key_term
     if value_bias_fn is not None:
       extra['value_bias_fn'] = value_bias_fn
+    if self.prefix is not None:
+      k, v = self.prefix.extend(k, v)
+      bias = peft.extend_bias(bias, self.prefix.length)
+      mask = mask.replace(kv_prefix=self.prefix.length)
     rng = None
     if not deterministic and self.dropout_rngs is not None:
       rng = self.dropout_rngs()

@@ -10,7 +10,11 @@ Rule (all terms optional):
                      and (window is None or |q_pos[b,t] - kv_pos[b,s]| < window, one-sided if causal)
                      and extra[b|1, n|1, t, s]
 Segment id 0 marks padding, so a padding mask is `segment_ids = mask.astype(int32)`, and packed
-sequences use ids 1, 2, 3, ... Positions default to arange; for KV-cached decoding the query
+sequences use ids 1, 2, 3, ...
+With `kv_prefix` = P > 0 the keys are [P prefix keys; S keys of the sequence] (prefix tuning,
+Li & Liang 2021): every query with q_seg != 0 sees all P prefix keys, whatever its segment,
+position or window; the rule above applies to the other S keys (segment ids, positions and
+`extra` describe those S keys only). Positions default to arange; for KV-cached decoding the query
 positions are the absolute positions of the new tokens and the cache slots hold their own.
 """
 
@@ -32,6 +36,7 @@ class AttentionMask:
   extra: jax.Array | None = None           # [B|1, N|1, T, S] bool, arbitrary extra mask
   causal: bool = struct.field(pytree_node=False, default=False)
   window: int | None = struct.field(pytree_node=False, default=None)
+  kv_prefix: int = struct.field(pytree_node=False, default=0)
 
   @classmethod
   def build(cls, *, q_len: int, kv_len: int | None = None, batch: int = 1,
@@ -69,6 +74,8 @@ class AttentionMask:
 
   def dense(self, q_len: int, kv_len: int) -> jax.Array | None:
     """Boolean mask [B|1, 1|N, T, S] (True = may attend), or None when nothing is masked."""
+    if self.kv_prefix:
+      return self._with_prefix(q_len, kv_len)
     m = None
 
     def conj(a, b):
@@ -90,3 +97,18 @@ class AttentionMask:
     if self.extra is not None:
       m = conj(m, self.extra.astype(bool))
     return m
+
+  def _with_prefix(self, q_len: int, kv_len: int) -> jax.Array:
+    """[prefix columns, seen by every non-padding query; the sequence's own rule]."""
+    p = self.kv_prefix
+    rest = self.replace(kv_prefix=0).dense(q_len, kv_len - p)
+    if rest is None:
+      rest = jnp.ones((1, 1, q_len, kv_len - p), bool)
+    if self.q_segment_ids is not None:
+      seen = jnp.broadcast_to((self.q_segment_ids != 0)[:, None, :, None],
+                              (self.q_segment_ids.shape[0], 1, q_len, p))
+    else:
+      seen = jnp.ones((1, 1, q_len, p), bool)
+    lead = jnp.broadcast_shapes(rest.shape[:2], seen.shape[:2])
+    return jnp.concatenate([jnp.broadcast_to(seen, lead + seen.shape[2:]),
+                            jnp.broadcast_to(rest, lead + rest.shape[2:])], axis=-1)

@@ -67,12 +67,15 @@ from jaxformer.config import AttentionConfig, ConfigError
 # decode: KV-cached incremental decoding; cross: keys from another sequence; window: sliding
 # window; dropout: dropout on probabilities; weights: can sow attention probabilities;
 # softcap: logit soft-capping; shaw: the call also accepts `value_bias_fn(probs [B, N, T, S])
-# -> [B, T, N, H]`, added to the output (Shaw et al. relative value term).
+# -> [B, T, N, H]`, added to the output (Shaw et al. relative value term); prefix: keys and
+# values [P prefix; S sequence] with `mask.kv_prefix = P` (prefix tuning: the P keys are seen
+# by every non-padding query, see attention/mask.py), so the core builds its mask from
+# `mask.dense` over all P + S keys.
 # A core whose class sets `takes_relative_bias = True` receives a position bias as the
 # `layers.positions.RelativeBias` itself (a function of the positions, which it evaluates block
 # by block) instead of a dense [B|1, N, T, S] array: a calling convention, not a need.
 FEATURES = frozenset({'causal', 'padding', 'segments', 'bias', 'decode', 'cross', 'window',
-                      'dropout', 'weights', 'softcap', 'shaw'})
+                      'dropout', 'weights', 'softcap', 'shaw', 'prefix'})
 
 _REGISTRY: dict[tuple[str, str], type] = {}
 _REASONS: dict[tuple[str, str], dict[str, str]] = {}

@@ -6,7 +6,9 @@ Residual structure by `model.norm_position` (Vaswani et al. 2017; Xiong et al. 2
   post:     h = norm(x + drop(attn(x)))
   sandwich: h = x + drop(norm_out(attn(norm(x))))
 and the same for the optional cross-attention and the feed-forward (dense or MoE). `drop` is
-residual dropout followed by stochastic depth (DropPath).
+residual dropout followed by stochastic depth (DropPath). With `model.peft.adapter_dim`, the
+sublayers named in `model.peft.adapter_sites` apply a bottleneck adapter to attn(.) / ffn(.)
+right after it (Houlsby et al. 2019; jaxformer/layers/peft.py).
 
 A Mamba layer (`MambaBlock`, Gu & Dao 2023) has the same wiring around the selective SSM
 (`jaxformer.layers.mamba`) in place of attention, and an FFN sublayer only with `mamba.ffn`
@@ -29,6 +31,7 @@ from jaxformer.layers.ffn import FeedForward
 from jaxformer.layers.mamba import Mamba
 from jaxformer.layers.moe import MoE
 from jaxformer.layers.norms import make_norm
+from jaxformer.layers.peft import Adapter
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -64,10 +67,13 @@ def check_mamba_config(cfg: ModelConfig) -> None:
 
 
 class SubLayer(nnx.Module):
-  """norm / residual wiring around one mixing function (attention or FFN)."""
+  """norm / residual wiring around one mixing function (attention or FFN); `site` names it
+  for `model.peft.adapter_sites`."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, site: str | None = None, rngs: nnx.Rngs):
     self.position = cfg.norm_position
+    self.adapter = (Adapter(cfg, rngs=rngs)
+                    if cfg.peft.adapter_dim and site in cfg.peft.adapter_sites else None)
     self.norm = make_norm(cfg, rngs=rngs)
     self.out_norm = make_norm(cfg, rngs=rngs) if cfg.norm_position == 'sandwich' else None
     self.dropout = nnx.Dropout(cfg.residual_dropout, rngs=rngs)
@@ -75,6 +81,8 @@ class SubLayer(nnx.Module):
 
   def __call__(self, x, fn, *, deterministic: bool):
     h = fn(x if self.position == 'post' else self.norm(x))
+    if self.adapter is not None:
+      h = self.adapter(h)
     if self.out_norm is not None:
       h = self.out_norm(h)
     h = self.drop_path(self.dropout(h, deterministic=deterministic), deterministic=deterministic)
@@ -89,16 +97,16 @@ class TransformerBlock(nnx.Module):
                rngs: nnx.Rngs):
     self.cfg = cfg
     self.self_attn = Attention(cfg, causal=causal, rngs=rngs)
-    self.attn_sub = SubLayer(cfg, rngs=rngs)
+    self.attn_sub = SubLayer(cfg, site='attention', rngs=rngs)
     if cross:
       self.cross_attn = Attention(cfg, cross=True, rngs=rngs)
-      self.cross_sub = SubLayer(cfg, rngs=rngs)
+      self.cross_sub = SubLayer(cfg, site='cross_attention', rngs=rngs)
     else:
       self.cross_attn = None
       self.cross_sub = None
     self.ffn = MoE(cfg, causal=causal, rngs=rngs) if moe else FeedForward(cfg, rngs=rngs)
     self.is_moe = moe
-    self.ffn_sub = SubLayer(cfg, rngs=rngs)
+    self.ffn_sub = SubLayer(cfg, site='ffn', rngs=rngs)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
     """{'self': the self-attention KV cache} (cross-attention K/V come from precompute_cross)."""

@@ -5,7 +5,9 @@ sqrt(D) when `model.embed_scale` (Vaswani et al.), P is the position kind's `emb
 (sinusoidal, or learned with an id offset for BART / RoBERTa; nothing for relative kinds) and
 the norm is the embedding LayerNorm of BERT / BART (`model.embed_norm`). The tables and the norm
 have width `model.embed_width` (`embed_dim`, else D); a family with `embed_projection` maps a
-different width to D itself (ELECTRA).
+different width to D itself (ELECTRA). `input_delta` (None, or an `EmbeddingDelta` [B, T, E])
+is added to scale * E[ids]: the one hook through which jaxformer.analysis differentiates and
+perturbs the token embeddings of any family (attributions, FGSM / PGD, adversarial training).
 
 LMHead: logits = softcap(scale * h E^T + b) with E tied to the input embedding, or an untied
 projection; T5 scales by D^-0.5 when tied (`model.logits_scale`).
@@ -19,7 +21,7 @@ from flax import nnx, struct
 
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import position_registry
+from jaxformer.layers import peft, position_registry
 from jaxformer.layers.base import check_token_ids, param, tag_params, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
@@ -49,19 +51,33 @@ def default_positions(segment_ids: jax.Array | None, batch: int, length: int) ->
 
 
 def self_attention_inputs(cfg: ModelConfig, tokens, segment_ids, positions, *, causal: bool,
-                          cache=None, what: str = 'sequence'):
-  """Checks the length, fills in default positions -> (positions, AttentionMask)."""
+                          cache=None, what: str = 'sequence', prompt_length: int = 0):
+  """Checks the length, fills in default positions -> (positions, AttentionMask).
+
+  With a prompt of `prompt_length` P (prompt tuning, jaxformer/layers/peft.py), both describe
+  [prompt; tokens] (only the tokens with a cache, which holds the prompt already).
+  """
   b, t = tokens.shape
-  if cache is None and t > cfg.max_length:
-    raise ValueError(f'{what} length {t} exceeds model.max_length={cfg.max_length}')
+  if cache is None and t + prompt_length > cfg.max_length:
+    raise ValueError(f'{what} length {t}' + (f' + a prompt of {prompt_length}' if prompt_length
+                                             else '') +
+                     f' exceeds model.max_length={cfg.max_length}')
   if positions is None:
     if cache is not None:
       raise ValueError('decoding with a cache needs explicit positions for the new tokens')
     positions = default_positions(segment_ids, b, t)
+  if prompt_length:
+    segment_ids, positions = peft.prompt_inputs(prompt_length, segment_ids, positions,
+                                                cache=cache)
   mask = AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                        q_positions=positions, kv_positions=positions, causal=causal,
                        window=cfg.attention.window)
   return positions, mask
+
+
+class EmbeddingDelta(nnx.Variable):
+  """An additive perturbation of the token embeddings (jaxformer/analysis/inputs.py), never a
+  parameter: it exists only while an analysis or an adversarial loss runs."""
 
 
 class TokenEmbedder(nnx.Module):
@@ -79,11 +95,22 @@ class TokenEmbedder(nnx.Module):
     self.norm = (tag_params(make_norm(cfg, cfg.embed_width, rngs=rngs), role='embedding')
                  if cfg.embed_norm else None)
     self.dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+    self.input_delta: EmbeddingDelta | None = nnx.data(None)
 
-  def __call__(self, ids, positions, *, token_types=None, deterministic=True):
+  def __call__(self, ids, positions, *, token_types=None, prompt=None, deterministic=True):
+    """ids [B, T] -> [B, T, D]; with `prompt` (a `layers.peft.Prompt`, P vectors), [B, P + T, D]
+    with the prompt in front of the token embeddings (`positions` and `token_types`, if given,
+    are then [B, P + T] and [B, T])."""
     cfg = self.cfg
     check_token_ids(ids, cfg.vocab_size, 'input token ids')
     x = self.embed(ids).astype(cfg.compute_dtype)  # scaled by sqrt(D) when model.embed_scale
+    if self.input_delta is not None:  # the tokens' own embeddings; a prompt is not shifted
+      x = x + self.input_delta[...].astype(x.dtype)
+    if prompt is not None:
+      x = jnp.concatenate([prompt(x.shape[0], x.dtype), x], axis=1)
+      if token_types is not None:
+        token_types = jnp.pad(token_types, ((0, 0), (prompt.length, 0)))
+      ids = jnp.pad(ids, ((0, 0), (prompt.length, 0)))
     absolute = self.position.embed(self.positions, positions)
     if absolute is not None:
       x = x + absolute.astype(x.dtype)

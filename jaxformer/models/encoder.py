@@ -9,6 +9,8 @@
     pooled = tanh(h_[CLS] W_p + b_p);  class logits = dropout(pooled) W_c + b_c
 
 The embedder can be given (`embedder=`): ELECTRA's generator and discriminator share one.
+With prompt tuning (`model.peft.prompt_length` P) the stack runs over [prompt; tokens] and the
+heads read the token positions only (so [CLS] is still position 0 of the output).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.layers.base import make_init, param, zeros
 from jaxformer.layers.ffn import activation
 from jaxformer.layers.norms import make_norm
+from jaxformer.layers.peft import make_prompt
 from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
 from jaxformer.parallel import rules as R
@@ -102,15 +105,20 @@ class EncoderModel(nnx.Module):
     self.rtd = RTDHead(cfg, rngs=rngs) if cfg.rtd_head else None
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.pooler else None
     self.classifier = Classifier(cfg, rngs=rngs) if cfg.num_labels else None
+    self.prompt = make_prompt(cfg, rngs=rngs)
 
   def __call__(self, tokens, *, segment_ids=None, positions=None, token_types=None,
                deterministic: bool = True) -> ModelOutput:
+    p = self.prompt.length if self.prompt is not None else 0
     positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
-                                            causal=False)
-    x = self.embedder(tokens, positions, token_types=token_types, deterministic=deterministic)
+                                            causal=False, prompt_length=p)
+    x = self.embedder(tokens, positions, token_types=token_types, prompt=self.prompt,
+                      deterministic=deterministic)
     if self.embed_proj is not None:
       x = constrain(self.embed_proj(x), R.RESIDUAL)
-    x, _, aux = self.stack(x, mask, token_ids=tokens, deterministic=deterministic)
+    ids = jnp.pad(tokens, ((0, 0), (p, 0))) if p else tokens  # MoE's token ids
+    x, _, aux = self.stack(x, mask, token_ids=ids, deterministic=deterministic)
+    x = x[:, p:]
     if self.final_norm is not None:
       x = self.final_norm(x)
     pooled = self.pooler(x) if self.pooler is not None else None

@@ -7,16 +7,23 @@ The embedding table is shared by encoder, decoder and (when tied) the output hea
 positions and embedding norms are separate per side, as in BART. For decoding, `encode` runs
 once, `init_cache` precomputes every layer's cross-attention K/V, and `decode` consumes one or
 more target tokens at a time.
+
+With prompt tuning (`model.peft.prompt_length` P) the prompt goes in front of the encoder's
+tokens (Lester et al. 2021) and the encoder states keep its P positions, which the decoder
+cross-attends to: `encode` returns [B, P + S, D] states and segment ids. Prefixes
+(`model.peft.prefix_length`) sit in the self-attention of both stacks, not in cross-attention.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import AttentionMask
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.layers.embeddings import make_embed
 from jaxformer.layers.norms import make_norm
+from jaxformer.layers.peft import make_prompt
 from jaxformer.models.common import LMHead, ModelOutput, TokenEmbedder, self_attention_inputs
 from jaxformer.models.stack import Stack
 
@@ -33,13 +40,18 @@ class EncoderDecoder(nnx.Module):
     self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, rngs=rngs)
     self.dec_norm = make_norm(cfg, rngs=rngs) if cfg.final_norm else None
     self.head = LMHead(cfg, self.shared, rngs=rngs)
+    self.prompt = make_prompt(cfg, rngs=rngs)
 
   def encode(self, tokens, *, segment_ids=None, positions=None, deterministic: bool = True):
-    """-> (encoder states [B, S, D], encoder segment ids [B, S] or None)."""
+    """-> (encoder states [B, S, D], encoder segment ids [B, S] or None, aux); S includes the
+    prompt with prompt tuning."""
+    p = self.prompt.length if self.prompt is not None else 0
     positions, mask = self_attention_inputs(self.cfg, tokens, segment_ids, positions,
-                                            causal=False, what='source')
-    x = self.enc_embedder(tokens, positions, deterministic=deterministic)
-    x, _, aux = self.encoder(x, mask, token_ids=tokens, deterministic=deterministic)
+                                            causal=False, what='source', prompt_length=p)
+    segment_ids = mask.q_segment_ids
+    x = self.enc_embedder(tokens, positions, prompt=self.prompt, deterministic=deterministic)
+    ids = jnp.pad(tokens, ((0, 0), (p, 0))) if p else tokens  # MoE's token ids
+    x, _, aux = self.encoder(x, mask, token_ids=ids, deterministic=deterministic)
     if self.enc_norm is not None:
       x = self.enc_norm(x)
     return x, segment_ids, aux

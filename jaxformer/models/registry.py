@@ -34,6 +34,13 @@ the rest of the code asks about a family is a field here, so no caller branches 
     projected to d_model, and an MLM head mapping back to E).
   * `pipeline`: None if pipeline parallelism can cut its stacks into stages (and `own_layers`
     is None); else why it cannot, refused at config time.
+  * `input_embedder`: the attribute path ('a.b') of the `TokenEmbedder` that embeds the
+    model's first input (its source tokens), whose `input_delta` hook jaxformer.analysis
+    perturbs; None for a family without token embeddings.
+  * `peft`: the parameter-efficient modules of `model.peft` (jaxformer/layers/peft.py) it
+    takes: 'adapter' (bottleneck adapters in its TransformerBlocks), 'cross_adapter' (also after
+    their cross-attention), 'prefix' (learned keys/values in their self-attention), 'prompt'
+    (learned input embeddings before its TokenEmbedder's tokens); others are refused.
   * `check`: optional 'module:function' run by `ModelConfig.validate` for the family's own
     fields (it raises ConfigError naming the field).
 
@@ -66,7 +73,9 @@ class Family:
   transformer_flops: bool = True
   embed_projection: bool = False
   pipeline: str | None = None
+  input_embedder: str | None = 'embedder'
   check: str | None = None
+  peft: tuple[str, ...] = ()
 
   def build(self, cfg, *, rngs):
     return _resolve(self.model)(cfg, rngs=rngs)
@@ -110,18 +119,20 @@ def _resolve(path: str) -> Any:
 
 SEQ2SEQ_TASKS = ('seq2seq', 'span_corruption', 'denoise')
 
+PEFT = ('adapter', 'prefix', 'prompt')
 register(Family('decoder', 'jaxformer.models.decoder:DecoderLM', ('lm',), causal=True,
-                generation='decoder', single_stack=True, context_parallel=True))
+                generation='decoder', single_stack=True, context_parallel=True, peft=PEFT))
 register(Family('encoder', 'jaxformer.models.encoder:EncoderModel', ('mlm', 'classification'),
-                single_stack=True, context_parallel=True, embed_projection=True))
+                single_stack=True, context_parallel=True, embed_projection=True, peft=PEFT))
 register(Family('encoder_decoder', 'jaxformer.models.encoder_decoder:EncoderDecoder',
-                SEQ2SEQ_TASKS, causal=True, generation='seq2seq',
-                depth_fields=('num_layers', 'num_decoder_layers')))
+                SEQ2SEQ_TASKS, causal=True, generation='seq2seq', input_embedder='enc_embedder',
+                depth_fields=('num_layers', 'num_decoder_layers'),
+                peft=PEFT + ('cross_adapter',)))
 register(Family('vit', 'jaxformer.models.vit:ViT', ('classification',), single_stack=True,
-                token_inputs=False, check='jaxformer.models.vit:check_config'))
+                token_inputs=False, input_embedder=None, check='jaxformer.models.vit:check_config'))
 register(Family(
     'rnn_seq2seq', 'jaxformer.models.rnn_seq2seq:RNNSeq2Seq', SEQ2SEQ_TASKS, causal=True,
-    generation='rnn', transformer_flops=False,
+    generation='rnn', transformer_flops=False, input_embedder=None,
     own_layers='it has recurrent layers and computes its own attention (Bahdanau / Luong)',
     packing='it carries its state along a whole row, so packed examples would leak into each '
             'other'))
@@ -133,6 +144,7 @@ register(Family(
 register(Family('perceiver', 'jaxformer.models.perceiver:Perceiver', ('classification',)))
 register(Family(
     'electra', 'jaxformer.models.electra:Electra', ('rtd',), embed_projection=True,
+    input_embedder='discriminator.embedder',
     transformer_flops=False, check='jaxformer.models.electra:check_config',
     pipeline='its generator and discriminator are two stacks of different depths with token '
              'sampling between them, which one pipeline schedule does not run'))
@@ -150,6 +162,7 @@ register(Family('conformer_lm', 'jaxformer.models.decoder:DecoderLM', ('lm',), c
                 generation='decoder', **CONFORMER))
 register(Family(
     'swin', 'jaxformer.models.swin:Swin', ('classification',), token_inputs=False,
+    input_embedder=None,
     transformer_flops=False, shared_attention=True, check='jaxformer.models.swin:check_config',
     own_layers='its stages change width and resolution (patch merging) and alternate plain and '
                'shifted windows, so its blocks are not one scanned stack'))

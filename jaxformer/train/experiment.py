@@ -29,6 +29,8 @@ from ml_collections import config_dict
 
 from jaxformer.compress.config import CompressConfig
 from jaxformer.config import ConfigError, ModelConfig, _build, _to_plain, check_choice, fail
+from jaxformer.analysis.adversarial import ATTACKS
+from jaxformer.analysis.maps import check_weights
 from jaxformer.data.config import DataConfig
 from jaxformer.data.curriculum import Curriculum
 from jaxformer.finetune.config import FinetuneConfig
@@ -56,7 +58,13 @@ class TrainConfig:
   `curriculum`: a sequence-length curriculum, stages (start_step, seq_len[, batch_size]) such
   as ((0, 128), (1000, 512)); without a batch size a stage keeps the tokens per step of
   batch_size x data.seq_len (jaxformer/data/curriculum.py). Empty: every step is batch_size
-  rows of data.seq_len."""
+  rows of data.seq_len.
+  `adversarial` ('none', 'fgsm', 'pgd'): adversarial training on the input token embeddings,
+  loss (1 - adversarial_weight) clean + adversarial_weight x the loss at the attack's delta
+  (L_inf radius `adversarial_eps`; PGD: `adversarial_steps` steps of `adversarial_step_size`,
+  0 = 2.5 eps / steps, from a random start unless `adversarial_random_start` is False);
+  jaxformer/analysis/adversarial.py. `entropy_metrics`: log the mean attention entropy of every
+  layer (jaxformer/analysis/entropy.py); docs/analysis.md."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -81,9 +89,27 @@ class TrainConfig:
   profile_start: int = 0
   compilation_cache: str = 'auto'
   curriculum: tuple[tuple[int, ...], ...] = ()  # lists (config.json) are read as tuples
+  adversarial: str = 'none'
+  adversarial_eps: float = 0.01
+  adversarial_steps: int = 3
+  adversarial_step_size: float = 0.0
+  adversarial_weight: float = 0.5
+  adversarial_random_start: bool = True
+  entropy_metrics: bool = False
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)
+    check_choice('train.adversarial', self.adversarial, ATTACKS)
+    if self.adversarial != 'none':
+      if not self.adversarial_eps > 0:
+        fail('train.adversarial_eps', self.adversarial_eps, 'must be > 0 (the L_inf radius)')
+      if self.adversarial_steps < 1:
+        fail('train.adversarial_steps', self.adversarial_steps, 'must be >= 1')
+      if self.adversarial_step_size < 0:
+        fail('train.adversarial_step_size', self.adversarial_step_size,
+             'must be >= 0 (0: 2.5 eps / steps)')
+      if not 0.0 < self.adversarial_weight <= 1.0:
+        fail('train.adversarial_weight', self.adversarial_weight, 'must be in (0, 1]')
     for name in ('batch_size', 'steps', 'log_every', 'eval_every', 'checkpoint_every',
                  'keep_checkpoints'):
       if getattr(self, name) <= 0:
@@ -161,6 +187,16 @@ class Experiment:
     if dcfg.target_len is not None and dcfg.target_len > m.max_length:
       fail('data.target_len', dcfg.target_len,
            f'exceeds the model limit model.max_length={m.max_length}')
+    prompt = m.peft.prompt_length
+    if prompt and fam.token_inputs and dcfg.seq_len + prompt > m.max_length:
+      fail('data.seq_len', dcfg.seq_len,
+           f'plus the prompt (model.peft.prompt_length={prompt}) exceeds the model limit '
+           f'model.max_length={m.max_length}')
+    if prompt and dcfg.resolved_packing != 'none':
+      fail('data.packing', dcfg.packing,
+           f"must be 'none' with model.peft.prompt_length={prompt}: the prompt is put in front "
+           'of each row once, so packed examples after the first would not see it (prefix '
+           'tuning, model.peft.prefix_length, serves every packed segment)')
     if fam.packing is not None and dcfg.resolved_packing != 'none':
       fail('data.packing', dcfg.packing,
            f"must be 'none' for model.family={m.family!r}: {fam.packing}")
@@ -173,6 +209,7 @@ class Experiment:
              'examples apart (it does not support segment ids), so packed rows would leak into '
              "each other; set data.packing='none'")
     self.check_length('data.seq_len', dcfg.seq_len)
+    self.check_analysis()
     if t.curriculum:
       self.check_curriculum()
     stages = self.parallel.axis_size('stage')
@@ -182,6 +219,26 @@ class Experiment:
     for field, batch in self.batch_sizes():
       if batch % k:
         fail(field, batch, f'must be divisible by optim.grad_accum_steps={k}')
+
+  def check_analysis(self) -> None:
+    """Refuses adversarial training without token embeddings and entropy metrics without
+    attention weights (jaxformer/analysis)."""
+    m, t = self.model, self.train
+    if t.adversarial != 'none' and m.family_spec.input_embedder is None:
+      fail('train.adversarial', t.adversarial,
+           f"needs token embeddings to perturb; model.family={m.family!r} has none (it reads "
+           "images or embeds tokens itself): use 'none'")
+    if t.entropy_metrics:
+      try:
+        check_weights(m)
+      except ConfigError as e:
+        fail('train.entropy_metrics', True, f'needs the attention probabilities: {e}')
+      for why, on in (('pipeline parallelism (parallel.mesh.stage > 1)',
+                       self.parallel.axis_size('stage') > 1),
+                      ('reversible layers (model.reversible)', m.reversible)):
+        if on:
+          fail('train.entropy_metrics', True, f'cannot read the attention weights of {why}: '
+               'the layers run inside their own transforms, which keep no sown values')
 
   def check_length(self, field: str, seq_len: int) -> None:
     """Refuses a row length (data.seq_len or a curriculum stage's) the model or the mesh cannot

@@ -37,6 +37,11 @@ logical axis names (jaxformer.parallel.rules.PARAM_NAMES) and, where the names c
     expert's [E, F], say so; vectors and scalars need not); not to embeddings when
     `decay_embeddings=False`. role='weight' marks a matrix that is not a table although its
     first dimension is 'position' (Linformer's E, F).
+  * the parameter-efficient modules' roles (jaxformer/layers/peft.py) say which parameters
+    PEFT fine-tuning trains: role='adapter' and 'prefix' are ordinary parameters by their names
+    (the adapters' matrices and the [P, K, H] prefixes decay, the adapters' biases do not; in
+    their layer for layer-wise LR decay); role='prompt' is part of the input embedding, like
+    role='embedding'.
   * layer-wise LR decay: layer i gets decay^(L - i) (one factor per layer slice for stacked
     parameters), embeddings decay^(L + 1), everything else (final norm, heads) 1.
 `make_optimizer(cfg, params)` reads the roles once from the parameters' Variables; the transform
@@ -184,7 +189,7 @@ class OptimConfig:
 
 
 # -------------------------------------------------------------------- parameter roles by metadata
-ROLES = ('bias', 'embedding', 'weight')
+ROLES = ('bias', 'embedding', 'weight', 'adapter', 'prefix', 'prompt')
 _TABLE_AXES = ('vocab', 'position')
 
 
@@ -227,7 +232,8 @@ def param_role(variable: nnx.Variable, what: str = 'a parameter') -> ParamRole:
   else:
     layers = None
   matrix = len(rest) >= 2 and role != 'bias' and 'norm' not in rest
-  embedding = role == 'embedding' or (role is None and len(rest) >= 2 and rest[0] in _TABLE_AXES)
+  embedding = role in ('embedding', 'prompt') or (role is None and len(rest) >= 2
+                                                  and rest[0] in _TABLE_AXES)
   return ParamRole(layers, matrix, embedding)
 
 

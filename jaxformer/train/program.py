@@ -163,7 +163,7 @@ class TrainProgram:
     """jit(step)(state, batch) -> (state, metrics); the state is donated."""
     exp = self.exp
     t = exp.train
-    loss_cfg = tasks.LossConfig(label_smoothing=t.label_smoothing, z_loss=t.z_loss)
+    loss_cfg = tasks.LossConfig.from_train(t)
     step = make_train_step(
         self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
         tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed,

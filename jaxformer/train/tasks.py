@@ -16,6 +16,11 @@ with `model.moe.load_balance_weight` and `model.moe.z_loss_weight`.
                     (`models/electra.py`). Metrics: loss (that sum), mlm_loss, nll and
                     accuracy (the generator's, on masked tokens), rtd_loss, rtd_accuracy and
                     rtd_tokens (the discriminator's), replaced (fraction of tokens replaced).
+
+Analysis options (`LossConfig.adversarial`, `LossConfig.entropy_metrics`, from `train.*`) wrap
+any task's loss: adversarial training on the input embeddings (jaxformer/analysis/adversarial.py:
+(1 - w) clean + w adversarial) and the mean attention entropy of every layer as metrics
+(jaxformer/analysis/entropy.py). Off (the default), neither adds anything to the step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxformer.analysis import adversarial
+from jaxformer.analysis import entropy as entropy_lib
+from jaxformer.analysis import maps as maps_lib
 from jaxformer.config import ModelConfig, check_choice
 from jaxformer.models import registry
 from jaxformer.train.losses import cross_entropy, replaced_token_detection_loss, weighted_mean
@@ -38,6 +46,18 @@ SEQ2SEQ = registry.SEQ2SEQ_TASKS
 class LossConfig:
   label_smoothing: float = 0.0
   z_loss: float = 0.0
+  adversarial: adversarial.AdversarialConfig = adversarial.AdversarialConfig()
+  entropy_metrics: bool = False
+
+  @classmethod
+  def from_train(cls, t) -> 'LossConfig':
+    """The loss settings of a `TrainConfig`."""
+    return cls(label_smoothing=t.label_smoothing, z_loss=t.z_loss,
+               adversarial=adversarial.AdversarialConfig(
+                   attack=t.adversarial, eps=t.adversarial_eps, steps=t.adversarial_steps,
+                   step_size=t.adversarial_step_size, weight=t.adversarial_weight,
+                   random_start=t.adversarial_random_start),
+               entropy_metrics=t.entropy_metrics)
 
 
 def check_task(task: str, model: ModelConfig) -> None:
@@ -85,6 +105,26 @@ def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: Loss
   the k micro-batches of each one's own loss (token counts summed), which is what gradient
   accumulation over the same k micro-batches averages.
   """
+  objective = functools.partial(task_loss, task=task, batch=batch, cfg=cfg, loss_cfg=loss_cfg,
+                                deterministic=deterministic, microbatches=microbatches)
+  if loss_cfg.entropy_metrics:
+    objective = _with_entropy(objective)
+  if loss_cfg.adversarial.attack != 'none':
+    ids = batch['inputs'] if task == 'rtd' else model_inputs(task, batch)[0][0]
+    return adversarial.adversarial_loss(model, objective, ids, loss_cfg.adversarial)
+  return objective(model)
+
+
+def _with_entropy(objective):
+  def run(model):
+    (loss, metrics), maps = maps_lib.run_with_maps(model, objective)
+    return loss, dict(metrics, **entropy_lib.entropy_metrics(maps))
+  return run
+
+
+def task_loss(model, *, task: str, batch: dict, cfg: ModelConfig, loss_cfg: LossConfig,
+              deterministic: bool, microbatches: int = 1):
+  """The task's own loss (`compute_loss` without the analysis options)."""
   args, kwargs = model_inputs(task, batch)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   if task == 'rtd':

@@ -200,3 +200,32 @@ def test_qlora_on_an_fsdp_mesh_equals_one_device(tmp_path):
     result = trainer.run()
     losses[name] = (result['last_train']['loss'], trainer.evaluate('validation', 1)['loss'])
   np.testing.assert_allclose(losses['mesh'], losses['one'], rtol=1e-5)
+
+
+def test_modules_method_trains_only_the_peft_parameters(tmp_path):
+  """finetune.method='modules' with adapters, prefixes and a prompt (model.peft): the
+  trainable set is exactly those parameters (their formula counts), only they move, the base
+  stays frozen and out of the checkpoint."""
+  from jaxformer.layers import peft  # pylint: disable=import-outside-toplevel
+  cfg = config(steps=3, method='modules')
+  cfg.model.peft.adapter_dim = 4
+  cfg.model.peft.prefix_length = 2
+  cfg.model.peft.prompt_length = 2
+  cfg.data.packing = 'none'
+  cfg.data.seq_len = 24
+  trainer = make(cfg, str(tmp_path / 'run'))
+  want = peft.expected_counts(trainer.exp.model)
+  assert trainer.program.num_trainable == sum(want.values()) > 0
+  assert set(lora.flat_params(trainer.state['params']['base'])) == {
+      k for k, v in trainer.program.plan.templates.items()
+      if v.get_metadata().get('role') in ('adapter', 'prefix', 'prompt')}
+  base = flat(trainer.state['frozen']['params'])
+  trainer.run()
+  for k, v in flat(trainer.state['frozen']['params']).items():
+    np.testing.assert_array_equal(v, base[k], err_msg=k)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'run'), async_save=False, read_only=True)
+  saved = ckpt._manager.restore(ckpt.latest_step())  # pylint: disable=protected-access
+  ckpt.close()
+  n = sum(np.size(v) for k, v in ckpt_lib.flatten(saved['state']).items()
+          if k.startswith('params/'))
+  assert n == sum(want.values())
