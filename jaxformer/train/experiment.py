@@ -182,6 +182,7 @@ class Experiment:
     for field, batch in self.batch_sizes():
       if batch % k:
         fail(field, batch, f'must be divisible by optim.grad_accum_steps={k}')
+    self.compress.check(self)
 
   def check_length(self, field: str, seq_len: int) -> None:
     """Refuses a row length (data.seq_len or a curriculum stage's) the model or the mesh cannot
