@@ -101,6 +101,16 @@ def _nest(flat: dict[tuple, Any]) -> dict:
   return out
 
 
+def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+  """{path: leaf} of a nested dict (the masks)."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, prefix + (k,)))
+  return out
+
+
 def _get(tree: dict, path: tuple):
   for k in path:
     tree = tree[k]
