@@ -30,6 +30,7 @@ from flax import nnx
 from jaxformer.config import ConfigError, ModelConfig, fail
 from jaxformer.parallel import state as state_lib
 from jaxformer.train import losses, tasks
+from jaxformer.train.step import with_dropout_key
 
 FIELD = 'compress.distill.teacher'
 
@@ -124,7 +125,8 @@ class Teacher:
     T, before T^2), the student's nll / accuracy / num_tokens, and its MoE losses."""
     # Fresh Variables (at the gradient's trace level) whose values the gradient cannot enter.
     frozen = jax.tree.map(jax.lax.stop_gradient, teacher_params)
-    teacher = nnx.merge(self.graphdef, frozen, self.rest)
+    # Deterministic: the stream keys only keep the graph well formed (and new, at this trace).
+    teacher = nnx.merge(self.graphdef, frozen, with_dropout_key(self.rest, jax.random.key(0)))
     args, kwargs = tasks.model_inputs(task, batch)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     out = model(*args, deterministic=deterministic, **kwargs)
