@@ -102,7 +102,7 @@ class DistillConfig:
   alpha        the weight of the soft targets, in [0, 1]
   """
   teacher: str = ''
-  temperature: float = 2.0
+  temperature: float = 1.0
   alpha: float = 0.5
 
   @property
