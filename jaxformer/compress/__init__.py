@@ -1,4 +1,8 @@
 """Compression (CATALOG H): quantization, pruning, distillation.
 
-  config.py    the `compress` config section (qat, prune, distill)
+  config.py      the `compress` config section (qat, prune, distill)
+  prune.py       magnitude / SNIP pruning while training (masks in the train state)
+  structured.py  head and FFN-unit pruning that shrinks the shapes
+  prune_cli.py   `python -m jaxformer.compress prune`
+  distill.py     knowledge distillation as a trainer mode
 """

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.compress.config import PruneConfig
+from jaxformer.config import ConfigError
 from jaxformer.finetune import lora
 from jaxformer.train.optimizer import param_role
 
@@ -145,7 +146,9 @@ class Pruner:
     self.cfg = cfg
     self.targets = eligible(params, cfg.embeddings)
     if not self.targets:
-      raise ValueError('compress.prune: this model has no prunable matrix')
+      raise ConfigError(f'compress.prune.method={cfg.method!r} is invalid for this model: it has '
+                        'no prunable matrix (with compress.prune.embeddings='
+                        f'{cfg.embeddings})')
     flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(params)}
     self.shapes = {p: tuple(flat[p].get_value().shape) for p in self.targets}
     self.templates = {p: flat[p] for p in self.targets}

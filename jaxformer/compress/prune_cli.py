@@ -54,7 +54,9 @@ def prune_run(trainer, out: str, *, heads: int = 0, neurons: int = 0, sparsity: 
   report.update(params_after=_count(params), bytes_after=structured.num_bytes(params))
   config = plain_config(exp)
   config['model'] = model_cfg.to_dict()
-  config['compress'] = dict(config.get('compress', {}), prune={'method': 'none'})
+  # The output is a plain model: no pruning schedule or teacher comes with it.
+  config['compress'] = dict(config.get('compress', {}), prune={'method': 'none'},
+                            distill={'teacher': ''})
   _write_run(config, params, report['step'], out, str(trainer.workdir), trainer.layout)
   return report
 

@@ -24,7 +24,7 @@ from prune_helpers import batch, tiny_config
 
 def _fake_teacher(tmp_path, **model):
   """A run folder whose config.json describes a teacher (its checkpoint is not read here)."""
-  config = tiny_config(model=dict(dict(d_model=48), **model))
+  config = tiny_config(model=dict(d_model=48, **model))
   folder = tmp_path / 'teacher'
   os.makedirs(folder / 'checkpoints')
   (folder / 'config.json').write_text(json.dumps(Experiment.from_config(config).to_dict()))
@@ -58,8 +58,9 @@ def test_loss_equals_hand_computation():
 
 
 def test_gradient_does_not_reach_the_teacher(tmp_path):
-  config = tiny_config(distill=dict(teacher=_fake_teacher(tmp_path), temperature=2.0,
-                                    alpha=0.7))
+  # One layer each: the property does not depend on depth, and compiling is the cost here.
+  config = tiny_config(distill=dict(teacher=_fake_teacher(tmp_path, num_layers=1),
+                                    temperature=2.0, alpha=0.7), model=dict(num_layers=1))
   exp = Experiment.from_config(config)
   teacher = distill.Teacher(exp, make_layout(exp.parallel, jax.devices()[:1]))
   assert teacher.model_cfg.d_model == 48 and exp.model.d_model == 32
