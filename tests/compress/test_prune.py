@@ -1,6 +1,8 @@
 """Unstructured pruning (CATALOG H): exactly the requested fraction, the gradual schedule
 followed step by step, SNIP's saliency, pruned weights staying 0 under AdamW, one device = 8."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,9 @@ from jaxformer.train.experiment import Experiment
 from prune_helpers import batch, program, put, tiny_config
 
 
+@functools.cache
 def _params(seed=0):
+  """Built once for the tests of this file (none changes them)."""
   exp = Experiment.from_config(tiny_config())
   return nnx.state(state_lib._build(exp.model, seed), nnx.Param), exp
 
