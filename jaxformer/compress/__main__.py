@@ -1,14 +1,16 @@
 """python -m jaxformer.compress COMMAND --flags...
 
-Commands on a finished run (each module's docstring gives its flags):
-  quantize   post-training weight quantization into a new run folder (jaxformer/compress/ptq.py)
+Commands on a finished run, each writing a new run folder that `jaxformer.eval` and
+`jaxformer.generate` read (each module's docstring gives its flags):
+  quantize   post-training weight quantization (jaxformer/compress/ptq.py)
+  prune      structured (heads, FFN units) and magnitude pruning (jaxformer/compress/prune_cli.py)
 """
 
 import functools
 import importlib
 import sys
 
-COMMANDS = {'quantize': 'jaxformer.compress.ptq'}
+COMMANDS = {'quantize': 'jaxformer.compress.ptq', 'prune': 'jaxformer.compress.prune_cli'}
 
 
 def cli() -> None:
@@ -17,7 +19,9 @@ def cli() -> None:
     print(f'error: the command {got!r} is invalid: allowed commands are {sorted(COMMANDS)}\n'
           f'{__doc__}', file=sys.stderr)
     sys.exit(2)
-  module = importlib.import_module(COMMANDS[sys.argv.pop(1)])
+  command = sys.argv.pop(1)
+  sys.argv[0] = f'{sys.argv[0]} {command}'
+  module = importlib.import_module(COMMANDS[command])
   from jaxformer.cli import run  # pylint: disable=import-outside-toplevel
   run(functools.partial(module.main, flag_values=module.define_flags()))
 

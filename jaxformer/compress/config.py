@@ -75,23 +75,96 @@ class QatConfig(QuantScheme):
 
 
 # -------------------------------------------------------------------- pruning
+PRUNE_METHODS = ('none', 'magnitude', 'snip')
+PRUNE_SCOPES = ('global', 'layer')
+PRUNE_SCHEDULES = ('one_shot', 'gradual')
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  """Pruning while training; `method` = 'none': off."""
+  """Unstructured pruning while training (jaxformer/compress/prune.py); `method` 'none': off.
+
+  method      'magnitude' (smallest |w| go) or 'snip' (Lee et al. 2019: smallest |g * w| go,
+              g the loss gradient on the batch of step `start`, at initialisation when
+              `start` = 0)
+  sparsity    the final fraction s_f of the eligible weights set to zero, in [0, 1)
+  scope       'global' (one ranking over every eligible matrix) or 'layer' (each matrix, and
+              each layer slice of a stacked one, loses the same fraction)
+  schedule    'one_shot' (prune once, at step `start`) or 'gradual' (Zhu & Gupta 2017:
+              s_t = s_f + (s_i - s_f)(1 - (t - start) / (end - start))^3 at t = start,
+              start + every, ..., end); 'snip' is one-shot only
+  initial_sparsity  s_i of the gradual schedule
+  embeddings  also prune the embedding tables (token / position tables, the tied output
+              matrix); norms and biases are never pruned
+  """
   method: str = 'none'
+  sparsity: float = 0.5
+  scope: str = 'global'
+  schedule: str = 'one_shot'
+  start: int = 0
+  end: int = 0
+  every: int = 1
+  initial_sparsity: float = 0.0
+  embeddings: bool = False
+
+  @property
+  def enabled(self) -> bool:
+    return self.method != 'none'
 
   def validate(self) -> None:
-    pass
+    check_choice('compress.prune.method', self.method, PRUNE_METHODS)
+    if not self.enabled:
+      return
+    check_choice('compress.prune.scope', self.scope, PRUNE_SCOPES)
+    check_choice('compress.prune.schedule', self.schedule, PRUNE_SCHEDULES)
+    for name in ('sparsity', 'initial_sparsity'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        fail(f'compress.prune.{name}', getattr(self, name),
+             'the fraction of weights pruned must be in [0, 1)')
+    if self.start < 0:
+      fail('compress.prune.start', self.start, 'must be >= 0')
+    if self.schedule == 'one_shot':
+      return
+    if self.method == 'snip':
+      fail('compress.prune.schedule', self.schedule,
+           "SNIP prunes once, from the gradient at one step: use schedule='one_shot'")
+    if self.every <= 0:
+      fail('compress.prune.every', self.every, 'must be a positive integer')
+    if self.end <= self.start or (self.end - self.start) % self.every:
+      fail('compress.prune.end', self.end,
+           f'the gradual schedule needs end > start={self.start} with end - start a multiple '
+           f'of every={self.every}')
+    if self.initial_sparsity > self.sparsity:
+      fail('compress.prune.initial_sparsity', self.initial_sparsity,
+           f'must be at most compress.prune.sparsity={self.sparsity} (sparsity only grows)')
 
 
 # -------------------------------------------------------------------- distillation
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Knowledge distillation; `teacher` = '': off."""
+  """Knowledge distillation (Hinton et al. 2015; jaxformer/compress/distill.py); `teacher` '':
+  off. loss = alpha T^2 KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) CE(s, labels).
+
+  teacher      a jaxformer run folder (its config.json and newest checkpoint) with the same
+               vocabulary and task; its architecture may differ
+  temperature  T > 0
+  alpha        the weight of the soft targets, in [0, 1]
+  """
   teacher: str = ''
+  temperature: float = 1.0
+  alpha: float = 0.5
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.teacher)
 
   def validate(self) -> None:
-    pass
+    if not self.enabled:
+      return
+    if not self.temperature > 0:
+      fail('compress.distill.temperature', self.temperature, 'must be > 0')
+    if not 0.0 <= self.alpha <= 1.0:
+      fail('compress.distill.alpha', self.alpha, 'must be in [0, 1]')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +177,13 @@ class CompressConfig:
     self.qat.validate()
     self.prune.validate()
     self.distill.validate()
+
+  def check(self, exp) -> None:
+    """Checks against the rest of the experiment (`Experiment.validate`)."""
+    if self.prune.enabled and exp.finetune.method != 'full':
+      fail('compress.prune.method', self.prune.method,
+           f"needs finetune.method='full' (got {exp.finetune.method!r}): the masks cover the "
+           'parameters the optimizer trains')
+    if self.distill.enabled:
+      from jaxformer.compress import distill  # pylint: disable=import-outside-toplevel
+      distill.check(exp)

@@ -219,6 +219,7 @@ class Experiment:
     for field, batch in self.batch_sizes():
       if batch % k:
         fail(field, batch, f'must be divisible by optim.grad_accum_steps={k}')
+    self.compress.check(self)
 
   def check_analysis(self) -> None:
     """Refuses adversarial training without token embeddings and entropy metrics without

@@ -4,9 +4,13 @@
 plan command (`python -m jaxformer.parallel.plan`) and the layout tests share. It knows, before
 anything is compiled or allocated:
 
-  abstract_state    the train state {'params', 'opt_state', 'step'[, 'loss_scale'][, 'frozen']}
-                    as shapes; 'params' are the trainable parameters and 'frozen' the rest
-                    (under finetune.method lora / qlora / modules; see param_plan.py)
+  abstract_state    the train state {'params', 'opt_state', 'step'[, 'loss_scale'][, 'frozen']
+                    [, 'prune_masks'][, 'teacher']} as shapes; 'params' are the trainable
+                    parameters and 'frozen' the rest (under finetune.method lora / qlora /
+                    modules; see param_plan.py); 'prune_masks' under compress.prune
+                    (checkpointed). Under compress.distill the train step also takes the
+                    teacher's parameters as 'teacher' (`with_teacher`: read from the teacher's
+                    run at every start, never checkpointed, not in the optimizer)
   state_shardings   where every leaf lives (parameters by their logical names; optimizer moments
                     like their parameters; counters replicated); building them refuses a mesh
                     axis that does not divide the dimension it shards
@@ -37,6 +41,9 @@ from jaxformer.train.experiment import Experiment
 from jaxformer.train.param_plan import ParamPlan
 from jaxformer.train.precision import make_loss_scale
 from jaxformer.train.step import make_eval_step, make_train_step
+
+# State entries that checkpoints do not hold: rebuilt at every start.
+NOT_SAVED = ('frozen', 'teacher')
 
 
 class TrainProgram:
@@ -80,6 +87,15 @@ class TrainProgram:
     if abstract_frozen is not None:
       self.abstract_state['frozen'] = abstract_frozen
       self.state_shardings['frozen'] = self.frozen_shardings
+    self.pruner = self.teacher = None
+    if exp.compress.prune.enabled:
+      from jaxformer.compress.prune import Pruner  # pylint: disable=import-outside-toplevel
+      self.pruner = Pruner(exp.compress.prune, abstract_params)
+      self.abstract_state['prune_masks'] = jax.eval_shape(self.pruner.init_masks)
+      self.state_shardings['prune_masks'] = self.pruner.shardings(layout)
+    if exp.compress.distill.enabled:
+      from jaxformer.compress.distill import Teacher  # pylint: disable=import-outside-toplevel
+      self.teacher = Teacher(exp, layout)  # reads the teacher's run only when training
     if make_loss_scale(exp.optim) is not None:
       self.abstract_state['loss_scale'] = jax.eval_shape(lambda: make_loss_scale(exp.optim))
       self.state_shardings['loss_scale'] = layout.replicated
@@ -89,11 +105,11 @@ class TrainProgram:
 
   # ---------------------------------------------------------------- state
   def target(self) -> Any:
-    """The abstract train state with its shardings, without the frozen parameters (never
-    checkpointed): what a checkpoint is restored into."""
+    """The abstract train state with its shardings, without the frozen parameters and the
+    teacher (never checkpointed): what a checkpoint is restored into."""
     return state_lib.abstract_with(
-        {k: v for k, v in self.abstract_state.items() if k != 'frozen'},
-        {k: v for k, v in self.state_shardings.items() if k != 'frozen'})
+        {k: v for k, v in self.abstract_state.items() if k not in NOT_SAVED},
+        {k: v for k, v in self.state_shardings.items() if k not in NOT_SAVED})
 
   def _model_params(self, initial):
     """The model's full parameters: `initial` (loaded from finetune.init_from), or made by
@@ -117,12 +133,21 @@ class TrainProgram:
                'step': jnp.zeros((), jnp.int32)}
       if frozen is not None:
         state['frozen'] = frozen
+      if self.pruner is not None:
+        state['prune_masks'] = self.pruner.init_masks()
       scale = make_loss_scale(exp.optim)
       if scale is not None:
         state['loss_scale'] = scale
       return state
 
-    return jax.jit(init, out_shardings=self.state_shardings)(initial)
+    state = jax.jit(init, out_shardings=self.state_shardings)(initial)
+    return self.with_teacher(state)
+
+  def with_teacher(self, state) -> dict[str, Any]:
+    """`state` with the teacher's parameters (compress.distill), read from its run."""
+    if self.teacher is not None:
+      state = dict(state, teacher=self.teacher.load())
+    return state
 
   def frozen(self, initial=None) -> Any:
     """The frozen parameters (None under finetune.method='full'), made in place from `initial`
@@ -168,10 +193,14 @@ class TrainProgram:
         self.graphdef, self.rest, task=exp.data.task, model_cfg=exp.model, loss_cfg=loss_cfg,
         tx=self.tx, accum_steps=exp.optim.grad_accum_steps, seed=t.seed,
         grad_shardings=self.param_shardings if self.layout.mesh.size > 1 else None,
-        pipelined=self.layout.pipeline is not None, plan=self.plan)
+        pipelined=self.layout.pipeline is not None, plan=self.plan, pruner=self.pruner,
+        teacher=self.teacher)
+    shardings = self.state_shardings
+    if self.teacher is not None:
+      shardings = dict(shardings, teacher=self.teacher.shardings)
     return jax.jit(self.layout.wrap(step),
-                   in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, self.layout.replicated),
+                   in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, self.layout.replicated),
                    donate_argnums=0)
 
   @functools.cached_property

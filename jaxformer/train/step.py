@@ -4,7 +4,11 @@ State is a plain pytree {'params': trainable parameters, 'opt_state': optax stat
 [, 'frozen': parameters that do not train]}; the model structure (graphdef) and non-parameter
 variables (RNG streams) stay outside it. A `ParamPlan` (jaxformer/train/param_plan.py) makes the
 model's parameters from 'params' and 'frozen' (LoRA, a quantized base) and masks gradients and
-updates of the groups gradual unfreezing keeps frozen; without one 'params' are the model's. Dropout keys are
+updates of the groups gradual unfreezing keeps frozen; without one 'params' are the model's. With
+`compress.prune` the state holds 'prune_masks' (jaxformer/compress/prune.py: masks recomputed at
+the schedule's steps before the forward pass, gradients and updates masked so pruned weights stay
+0); with `compress.distill` it holds the teacher's parameters 'teacher' (not trained, not
+checkpointed) and the loss is the distillation loss (jaxformer/compress/distill.py). Dropout keys are
 `fold_in(seed key, step)`, so a resumed run draws exactly the masks of an uninterrupted one.
 
 A step splits the batch into `optim.grad_accum_steps` micro-batches and feeds them through the
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxformer.compress import prune as prune_lib
 from jaxformer.config import ModelConfig
 from jaxformer.train import tasks
 from jaxformer.train.precision import cast_floating
@@ -62,7 +67,7 @@ def with_dropout_key(rest, key):
 def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
                     loss_cfg: tasks.LossConfig, tx: optax.GradientTransformation,
                     accum_steps: int, seed: int, loss_scale=None, grad_shardings=None,
-                    pipelined: bool = False, plan=None):
+                    pipelined: bool = False, plan=None, pruner=None, teacher=None):
   """Returns train_step(state, batch) -> (state, metrics).
 
   `grad_shardings` (the parameters' shardings) pins each gradient to its parameter's layout
@@ -74,27 +79,31 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
   param_dtype = model_cfg.params_dtype
   microbatches = accum_steps if pipelined else 1
 
-  def loss_fn(params, frozen, batch, key):
+  def loss_fn(params, frozen, batch, key, extra):
     full = params if plan is None else plan.model_params(params, frozen)
     model = nnx.merge(graphdef, full, with_dropout_key(rest, key))
+    if teacher is not None:
+      return teacher.loss(model, extra['teacher'], task, batch, model_cfg, deterministic=False)
     return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False,
                               microbatches=microbatches)
 
   def micro_step(carry, micro):
     # The frozen parameters ride in the carry: Variables closed over from outside the scan
     # would belong to another trace level than the model merged inside it.
-    params, opt_state, scale, step, i, frozen = carry
+    params, opt_state, scale, step, i, frozen, extra = carry
     key = jax.random.fold_in(jax.random.fold_in(base_key, step), i)
     if scale is not None:
       grad_fn = scale.value_and_grad(loss_fn, has_aux=True)
-      scale, _, (loss, metrics), grads = grad_fn(params, frozen, micro, key)
+      scale, _, (loss, metrics), grads = grad_fn(params, frozen, micro, key, extra)
     else:
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, micro,
-                                                                         key)
+                                                                         key, extra)
     grads = cast_floating(grads, param_dtype)
     mask = None if plan is None else plan.update_mask(step)
     if mask is not None:
       grads = plan.masked(grads, mask)
+    if pruner is not None:  # pruned weights get no gradient, so no momentum either
+      grads = prune_lib.apply_masks(grads, extra['prune_masks'])
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -104,25 +113,43 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
       updates, opt_state = tx.update(grads, opt_state, params)
       if mask is not None:  # weight decay would still move a frozen group
         updates = plan.masked(updates, mask)
+      if pruner is not None:
+        updates = prune_lib.apply_masks(updates, extra['prune_masks'])
       return optax.apply_updates(params, updates), opt_state
 
     # Pipelined: the mean gradient once for each micro-batch (a loop, not M copies to compile).
     params, opt_state = jax.lax.fori_loop(0, microbatches, update, (params, opt_state))
-    return (params, opt_state, scale, step, i + 1, frozen), metrics
+    return (params, opt_state, scale, step, i + 1, frozen, extra), metrics
 
   def train_step(state, batch):
     micro = split_micro(batch, accum_steps // microbatches)
-    carry = (state['params'], state['opt_state'], state.get('loss_scale'), state['step'],
-             jnp.zeros((), jnp.int32), state.get('frozen'))
-    (params, opt_state, scale, _, _, _), metrics = jax.lax.scan(micro_step, carry, micro)
+    params, frozen = state['params'], state.get('frozen')
+    extra = {k: state[k] for k in ('prune_masks', 'teacher') if k in state}
+    if pruner is not None:
+      key = jax.random.fold_in(base_key, state['step'])
+      params, extra['prune_masks'] = pruner.maybe_prune(
+          params, extra['prune_masks'], state['step'],
+          lambda p: _batch_grad(loss_fn, p, frozen, micro, key, extra))
+    carry = (params, state['opt_state'], state.get('loss_scale'), state['step'],
+             jnp.zeros((), jnp.int32), frozen, extra)
+    (params, opt_state, scale, _, _, _, extra), metrics = jax.lax.scan(micro_step, carry, micro)
     metrics = {k: (jnp.sum(v) if k in METRIC_SUMS else jnp.mean(v)) for k, v in metrics.items()}
-    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
+    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1, **extra)
     if scale is not None:
       new_state['loss_scale'] = scale
       metrics['loss_scale'] = scale.scale
     return new_state, metrics
 
   return train_step
+
+
+def _batch_grad(loss_fn, params, frozen, micro, key, extra):
+  """The loss gradient summed over the step's micro-batches (SNIP's saliency)."""
+  def one(total, mb):
+    g = jax.grad(lambda p: loss_fn(p, frozen, mb, key, extra)[0])(params)
+    return jax.tree.map(jnp.add, total, g), None
+
+  return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, params), micro)[0]
 
 
 def make_eval_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,

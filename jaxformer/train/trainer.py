@@ -42,7 +42,7 @@ from jaxformer.train import metrics as metrics_lib
 from jaxformer.train import optimizer as optim_lib
 from jaxformer.train import param_plan
 from jaxformer.train.experiment import Experiment
-from jaxformer.train.program import TrainProgram
+from jaxformer.train.program import NOT_SAVED, TrainProgram
 from jaxformer.config import ConfigError
 from jaxformer.train.workdir import (WorkdirLock, as_path, prepare_workdir, save_config,
                                      save_param_summary, write_text)
@@ -237,6 +237,8 @@ class Trainer:
     frozen = self.program.frozen(initial)
     if frozen is not None:
       self.state['frozen'] = frozen
+    if self.mode == 'train':
+      self.state = self.program.with_teacher(self.state)
     if isinstance(data, CurriculumIterator):
       self._restore_curriculum(step, data, extras)
     elif data is not None and not self.ckpt.data_restored and extras.get('data') is not None:
@@ -268,8 +270,9 @@ class Trainer:
     if not force and not self.ckpt.should_save(step):
       return False
     self._check_finite(step)
-    # The frozen parameters are not saved: they are rebuilt from finetune.init_from.
-    saved = {k: v for k, v in self.state.items() if k != 'frozen'}
+    # The frozen parameters are not saved: they are rebuilt from finetune.init_from (and the
+    # teacher from compress.distill.teacher).
+    saved = {k: v for k, v in self.state.items() if k not in NOT_SAVED}
     return self.ckpt.save(step, saved, {'step': step}, data=self.train_iter, force=force)
 
   def _check_finite(self, step: int) -> None:
