@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -179,3 +180,34 @@ def initialize_distributed(flag_values) -> None:
       process_id=flag_values['process_id'].value, auto=flag_values['multihost'].value)
   if joined and not distributed.is_primary():
     logging.getLogger('jaxformer').setLevel(logging.WARNING)
+
+
+# -------------------------------------------------------------------- commands on a finished run
+def define_run_command_flags(workdir_help: str = 'The run directory.') -> dict[str, Any]:
+  """The flags every command that reads a finished run and writes a new folder shares:
+  --config (default: the run's own), --workdir, --out, the distributed flags and --mesh."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  return {
+      'config': config_flags.DEFINE_config_file('config', None,
+                                                "Config file; default: the run's own."),
+      'workdir': flags.DEFINE_string('workdir', None, workdir_help, required=True),
+      'out': flags.DEFINE_string('out', None, 'The folder to write.', required=True),
+      'distributed': define_distributed_flags(),
+      'mesh': define_mesh_flags(),
+  }
+
+
+def on_finished_run(flag_values, fn):
+  """fn(trainer) on the newest checkpoint of --workdir, restored read-only
+  (`Trainer(mode='eval')`) on the layout --mesh asks for; the run folder is released after."""
+  from jaxformer.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  f = flag_values
+  setup_logging()
+  initialize_distributed(f['distributed'])
+  config = with_mesh(load_run_config(f['workdir'].value, f['config'].value), f['mesh'])
+  trainer = Trainer(config, f['workdir'].value, mode='eval')
+  try:
+    return fn(trainer)
+  finally:
+    trainer.close()

@@ -91,33 +91,20 @@ def _write_run(config: dict, params, step: int, out: str, source: str, layout) -
 
 def main(argv, *, flag_values) -> None:
   del argv
-  from jaxformer.cli import (initialize_distributed, load_run_config, setup_logging,  # pylint: disable=import-outside-toplevel
-                             with_mesh)
-  from jaxformer.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from jaxformer.cli import on_finished_run  # pylint: disable=import-outside-toplevel
   f = flag_values
-  setup_logging()
-  initialize_distributed(f['distributed'])
-  config = with_mesh(load_run_config(f['workdir'].value, f['config'].value), f['mesh'])
-  trainer = Trainer(config, f['workdir'].value, mode='eval')
-  try:
-    report = prune_run(trainer, f['out'].value, heads=f['heads'].value,
-                       neurons=f['neurons'].value, sparsity=f['sparsity'].value,
-                       scope=f['scope'].value, embeddings=f['embeddings'].value)
-  finally:
-    trainer.close()
+  report = on_finished_run(f, lambda trainer: prune_run(
+      trainer, f['out'].value, heads=f['heads'].value, neurons=f['neurons'].value,
+      sparsity=f['sparsity'].value, scope=f['scope'].value, embeddings=f['embeddings'].value))
   print(json.dumps(report, indent=1))
 
 
 def define_flags() -> dict[str, Any]:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  from jaxformer.cli import define_distributed_flags, define_mesh_flags  # pylint: disable=import-outside-toplevel
+  from jaxformer.cli import define_run_command_flags  # pylint: disable=import-outside-toplevel
   return {
-      'config': config_flags.DEFINE_config_file('config', None,
-                                                "Config file; default: the run's own."),
-      'workdir': flags.DEFINE_string('workdir', None, 'The run directory.', required=True),
-      'out': flags.DEFINE_string('out', None, 'The run folder to write.', required=True),
+      **define_run_command_flags(),
       'heads': flags.DEFINE_integer('heads', 0, 'Attention heads to remove per layer.'),
       'neurons': flags.DEFINE_integer('neurons', 0, 'FFN hidden units to remove per layer.'),
       'sparsity': flags.DEFINE_float('sparsity', 0.0,
@@ -126,13 +113,4 @@ def define_flags() -> dict[str, Any]:
                                  'Magnitude ranking over the whole model or per matrix slice.'),
       'embeddings': flags.DEFINE_bool('embeddings', False,
                                       'Also prune the embedding tables (with --sparsity).'),
-      'distributed': define_distributed_flags(),
-      'mesh': define_mesh_flags(),
   }
-
-
-def cli() -> None:
-  import functools  # pylint: disable=import-outside-toplevel
-
-  from jaxformer.cli import run  # pylint: disable=import-outside-toplevel
-  run(functools.partial(main, flag_values=define_flags()))

@@ -103,36 +103,23 @@ def restore(ckpt, program, record: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv, *, flag_values) -> None:
   del argv
-  from jaxformer.cli import (initialize_distributed, load_run_config, setup_logging,  # pylint: disable=import-outside-toplevel
-                             with_mesh)
-  from jaxformer.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from jaxformer.cli import on_finished_run  # pylint: disable=import-outside-toplevel
   f = flag_values
-  setup_logging()
-  initialize_distributed(f['distributed'])
   scheme = QuantScheme(**{k: f[k].value for k in
                           ('bits', 'granularity', 'group_size', 'symmetric', 'calibration',
                            'percentile', 'embeddings')})
   scheme.validate('--')
-  config = with_mesh(load_run_config(f['workdir'].value, f['config'].value), f['mesh'])
-  trainer = Trainer(config, f['workdir'].value, mode='eval')
-  try:
-    record = quantize_run(trainer, f['out'].value, scheme)
-  finally:
-    trainer.close()
+  record = on_finished_run(f, lambda trainer: quantize_run(trainer, f['out'].value, scheme))
   print(json.dumps({'out': f['out'].value, **record}, indent=1))
 
 
 def define_flags() -> dict[str, Any]:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  from jaxformer.cli import define_distributed_flags, define_mesh_flags  # pylint: disable=import-outside-toplevel
+  from jaxformer.cli import define_run_command_flags  # pylint: disable=import-outside-toplevel
   d = QuantScheme()
   return {
-      'config': config_flags.DEFINE_config_file('config', None,
-                                                "Config file; default: the run's own."),
-      'workdir': flags.DEFINE_string('workdir', None, 'The run to quantize.', required=True),
-      'out': flags.DEFINE_string('out', None, 'The run folder to write.', required=True),
+      **define_run_command_flags('The run to quantize.'),
       'bits': flags.DEFINE_integer('bits', d.bits, 'Bits per code: 8 or 4.'),
       'granularity': flags.DEFINE_string(
           'granularity', d.granularity, 'One scale per tensor (per stacked layer), per output '
@@ -147,6 +134,4 @@ def define_flags() -> dict[str, Any]:
                                        'The percentile with --calibration=percentile.'),
       'embeddings': flags.DEFINE_bool('embeddings', d.embeddings,
                                       'Also quantize embedding tables (one scale per row).'),
-      'distributed': define_distributed_flags(),
-      'mesh': define_mesh_flags(),
   }

@@ -82,38 +82,21 @@ def write_run(out: str, config: dict[str, Any], step: int, state, extras) -> str
 
 def main(argv, *, flag_values) -> None:
   del argv
-  from jaxformer.cli import (initialize_distributed, load_run_config, setup_logging,  # pylint: disable=import-outside-toplevel
-                             with_mesh)
-  from jaxformer.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from jaxformer.cli import on_finished_run  # pylint: disable=import-outside-toplevel
   f = flag_values
-  setup_logging()
-  initialize_distributed(f['distributed'])
-  config = with_mesh(load_run_config(f['workdir'].value, f['config'].value), f['mesh'])
-  trainer = Trainer(config, f['workdir'].value, mode='eval')
-  try:
-    out = export(trainer, f['out'].value, f['format'].value)
-  finally:
-    trainer.close()
-  print(json.dumps({'step': int(trainer.state['step']), 'format': f['format'].value,
-                    'out': out}))
+  out, step = on_finished_run(
+      f, lambda trainer: (export(trainer, f['out'].value, f['format'].value),
+                          int(trainer.state['step'])))
+  print(json.dumps({'step': step, 'format': f['format'].value, 'out': out}))
 
 
 def _define_flags() -> dict[str, Any]:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  from jaxformer.cli import define_distributed_flags, define_mesh_flags  # pylint: disable=import-outside-toplevel
-  return {
-      'config': config_flags.DEFINE_config_file('config', None,
-                                                "Config file; default: the run's own."),
-      'workdir': flags.DEFINE_string('workdir', None, 'The run directory.', required=True),
-      'out': flags.DEFINE_string('out', None, 'The folder to write.', required=True),
-      'format': flags.DEFINE_enum('format', 'hf', FORMATS,
-                                  'hf: a Hugging Face directory; jaxformer: a run folder.'),
-      'distributed': define_distributed_flags(),
-      'mesh': define_mesh_flags(),
-  }
-
+  from jaxformer.cli import define_run_command_flags  # pylint: disable=import-outside-toplevel
+  return {**define_run_command_flags(),
+          'format': flags.DEFINE_enum('format', 'hf', FORMATS,
+                                      'hf: a Hugging Face directory; jaxformer: a run folder.')}
 
 if __name__ == '__main__':
   import functools
