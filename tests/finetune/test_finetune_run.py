@@ -45,13 +45,7 @@ def test_finetune_full_improves_and_exports(tmp_path):
   assert after < before - 0.1, (before, after)
 
   # HF export: transformers reproduces the fine-tuned logits.
-  tokens = np.random.default_rng(0).integers(4, 260, (2, 16))
-  out = export(trainer, str(tmp_path / 'hf_out'), 'hf')
-  hf = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
-  with torch.no_grad():
-    ref = hf(torch.from_numpy(tokens)).logits.numpy()
-  ours = np.asarray(trainer.model()(jnp.asarray(tokens)).logits)
-  assert float(np.max(np.abs(ours - ref))) <= 1e-4
+  assert_hf_export_matches(trainer, str(tmp_path / 'hf_out'))
 
   # jaxformer export: a plain run folder that evaluates to the same loss.
   out = export(trainer, str(tmp_path / 'run_out'), 'jaxformer')
@@ -89,8 +83,13 @@ def test_lora_finetune_of_an_hf_llama_trains_adapters_only_and_exports(tmp_path)
   saved = [k for k in _checkpoint_keys(workdir) if k.startswith('params/')]
   assert saved and all(k.startswith('params/lora/') for k in saved), saved
 
+  assert_hf_export_matches(trainer, str(tmp_path / 'hf_out'))
+
+
+def assert_hf_export_matches(trainer, out):
+  """The HF export of the run's (merged) parameters loads in transformers with its logits."""
   tokens = np.random.default_rng(0).integers(4, 260, (2, 16))
-  out = export(trainer, str(tmp_path / 'hf_out'), 'hf')
+  out = export(trainer, out, 'hf')
   hf = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
   with torch.no_grad():
     ref = hf(torch.from_numpy(tokens)).logits.numpy()
