@@ -39,12 +39,11 @@ devices, at events only): fine for the models this framework trains on CPUs and 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxformer.compress.config import PruneConfig
 from jaxformer.config import ConfigError
@@ -92,26 +91,6 @@ def keep_top(scores: jax.Array, k) -> jax.Array:
 
 
 # -------------------------------------------------------------------- nested dicts by path
-def _nest(flat: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, x in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = x
-  return out
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-  """{path: leaf} of a nested dict (the masks)."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, prefix + (k,)))
-  return out
-
-
 def _get(tree: dict, path: tuple):
   for k in path:
     tree = tree[k]
@@ -184,12 +163,14 @@ class Pruner:
   # ---------------------------------------------------------------- state entry
   def init_masks(self) -> dict:
     """Every weight kept: {nested path: bool array like the parameter}."""
-    return _nest({p: jnp.ones(s, jnp.bool_) for p, s in self.shapes.items()})
+    return traverse_util.unflatten_dict(
+        {p: jnp.ones(s, jnp.bool_) for p, s in self.shapes.items()})
 
   def shardings(self, layout) -> dict:
     """The masks' shardings: each like its parameter."""
-    return _nest({p: layout.variable_sharding(v, f'the pruning mask of {".".join(p)!r}')
-                  for p, v in self.templates.items()})
+    return traverse_util.unflatten_dict({
+        p: layout.variable_sharding(v, f'the pruning mask of {".".join(p)!r}')
+        for p, v in self.templates.items()})
 
   # ---------------------------------------------------------------- events
   def scores(self, params: nnx.State, masks: dict, grads: nnx.State | None = None
@@ -212,8 +193,9 @@ class Pruner:
       k = jnp.asarray(self.counts[None])[j]
       keep = keep_top(jnp.concatenate([scores[p].reshape(-1) for p in paths])[None], k)[0]
       sizes = np.cumsum([0] + [math.prod(self.shapes[p]) for p in paths])
-      return _nest({p: keep[sizes[i]:sizes[i + 1]].reshape(self.shapes[p])
-                    for i, p in enumerate(paths)})
+      return traverse_util.unflatten_dict({
+          p: keep[sizes[i]:sizes[i + 1]].reshape(self.shapes[p])
+          for i, p in enumerate(paths)})
     out = {}
     for p in paths:
       batch = self.targets[p]
@@ -222,7 +204,7 @@ class Pruner:
       rows = x.reshape((self._rows(p), -1)) if batch else x.reshape((1, -1))
       k = jnp.asarray(self.counts[p])[j]
       out[p] = keep_top(rows, k).reshape(self.shapes[p])
-    return _nest(out)
+    return traverse_util.unflatten_dict(out)
 
   def event(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(whether `step` prunes, the index of its event)."""

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.finetune import fit
@@ -276,16 +276,6 @@ def _from_run(src: Source, targets: dict[str, _Target], new: set[str], where: st
   raise ckpt_lib.CheckpointError(f'{where}: no checkpoint can be read ({"; ".join(errors)})')
 
 
-def _leaves(tree, prefix=()) -> dict[tuple, Any]:
-  """{key path: leaf} of a nested dict (Orbax's metadata / restored trees)."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_leaves(v, prefix + (k,)))
-  return out
-
-
 def _dotted(key: tuple) -> str:
   parts = [str(k) for k in key[1:]]  # drop 'params'
   return '.'.join(parts[:-1] if parts and parts[-1] == 'value' else parts)
@@ -297,8 +287,8 @@ def _restore_params(step_dir: str, targets: dict[str, _Target], new: set[str], w
   meta = ocp.StandardCheckpointer().metadata(state_dir)
   meta = getattr(meta, 'item_metadata', meta)
   tree = getattr(meta, 'tree', meta)
-  saved = {_dotted(k): (k, leaf) for k, leaf in _leaves(tree.get('params', {}), ('params',))
-           .items()}
+  params = traverse_util.flatten_dict({'params': dict(tree.get('params', {}))})
+  saved = {_dotted(k): (k, leaf) for k, leaf in params.items()}
   lacking = sorted(p for p in targets if p not in saved and p not in new)
   if lacking:
     raise ckpt_lib.IncompatibleCheckpointError(
@@ -315,24 +305,14 @@ def _restore_params(step_dir: str, targets: dict[str, _Target], new: set[str], w
   dropped = sorted(p for p in saved if p not in targets or p in new)
   if dropped:
     log.info('%s: %d checkpoint parameter(s) are not read: %s', where, len(dropped), dropped)
-  item = _nest(wanted)
+  item = traverse_util.unflatten_dict(wanted)
   restored = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
-  flat = _leaves(restored)
+  flat = traverse_util.flatten_dict(restored)
   _verify(step_dir, flat, where)
   return {_dotted(k): flat[k] for k in wanted}
-
-
-def _nest(flat: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for key, leaf in flat.items():
-    node = out
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = leaf
-  return out
 
 
 def _verify(step_dir: str, flat: dict[tuple, Any], where: str) -> None:

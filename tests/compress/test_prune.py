@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxformer.compress import prune as P
 from jaxformer.compress.config import PruneConfig
@@ -27,7 +27,7 @@ def _params(seed=0):
 
 
 def _dead(masks):
-  return {k: ~np.asarray(v) for k, v in P._flat(masks).items()}
+  return {k: ~np.asarray(v) for k, v in traverse_util.flatten_dict(masks).items()}
 
 
 @pytest.mark.parametrize('scope', ['global', 'layer'])
