@@ -321,6 +321,20 @@ class PEFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ActQuantConfig:
+  """Static activation quantization at the inputs of the model's matrices
+  (jaxformer/layers/act_quant.py), `bits` 0: off. Set by `python -m jaxformer.compress quantize
+  --activations`, which calibrates the ranges on a data split and stores them with the model; a
+  model with it is evaluated and sampled, never trained.
+
+  bits       8 (int8 codes, one scale per tensor and layer)
+  symmetric  codes around 0 (absmax); False: a zero point (asymmetric min/max)
+  """
+  bits: int = 0
+  symmetric: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One Transformer description; a family (GPT-2, LLaMA, T5, ...) is a value of this class."""
   family: str = 'decoder'
@@ -341,6 +355,7 @@ class ModelConfig:
   swin: SwinConfig = SwinConfig()
   mamba: MambaConfig = MambaConfig()
   peft: PEFTConfig = PEFTConfig()
+  act_quant: ActQuantConfig = ActQuantConfig()
   # norms and residual structure
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -481,6 +496,12 @@ class ModelConfig:
     check_choice('model.moe.router', self.moe.router, ROUTERS)
     check_choice('model.moe.dispatch', self.moe.dispatch, DISPATCHES)
     check_choice('model.remat', self.remat, REMAT_POLICIES)
+    check_choice('model.act_quant.bits', self.act_quant.bits, (0, 8))
+    if self.act_quant.bits and self.reversible:
+      fail('model.act_quant.bits', self.act_quant.bits,
+           'must be 0 with model.reversible=True: the reversible layers run under a custom '
+           'gradient that hands no per-layer state back, so activation ranges cannot be '
+           'calibrated')
     if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) \
         or self.scan_unroll < 1:
       fail('model.scan_unroll', self.scan_unroll,

@@ -34,7 +34,7 @@ from flax.core import FrozenDict
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import base, peft, position_registry
+from jaxformer.layers import act_quant, base, peft, position_registry
 from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
@@ -76,6 +76,7 @@ def needed_features(cfg: ModelConfig, *, cross: bool, causal: bool) -> set[str]:
 
 class Attention(nnx.Module):
   """Self- or cross-attention used by every model family; see the module docstring."""
+  ACT_INPUTS = ('wq', 'wk', 'wv', 'wo')  # jaxformer/layers/act_quant.py
 
   def __init__(self, cfg: ModelConfig, *, cross: bool = False, causal: bool = False,
                rngs: nnx.Rngs):
@@ -148,14 +149,15 @@ class Attention(nnx.Module):
       self.dropout_rngs = nnx.data(None)
 
   # ---------------------------------------------------------------- projections
-  def _proj(self, x, w, b):
-    y = dense(x, w[...].astype(self.dtype))  # 'BTD,DNH->BTNH'
+  def _proj(self, x, name, b):
+    x = act_quant.quantize(self, name, x)
+    y = dense(x, getattr(self, name)[...].astype(self.dtype))  # 'BTD,DNH->BTNH'
     return y if b is None else y + b[...].astype(self.dtype)
 
   def _keys_values(self, src: jax.Array):
     src = src.astype(self.dtype)
-    k = self._proj(src, self.wk, self.bk)
-    v = self._proj(src, self.wv, self.bv)
+    k = self._proj(src, 'wk', self.bk)
+    v = self._proj(src, 'wv', self.bv)
     if self.k_norm is not None:
       k = self.k_norm(k)
     return (constrain(k, R.KEYS),
@@ -211,7 +213,7 @@ class Attention(nnx.Module):
     x = x.astype(self.dtype)
     if not self.uses_projections:
       return self._mix(x, mask, cache, deterministic)
-    q = self._proj(x, self.wq, self.bq)
+    q = self._proj(x, 'wq', self.bq)
     if self.q_norm is not None:
       q = self.q_norm(q)
     new_cache = cache
@@ -271,6 +273,7 @@ class Attention(nnx.Module):
     # length-split (RESIDUAL), and without this pin XLA carries that layout back into the
     # attention core's backward pass and reshards the [B, K, G, T, S] probabilities there.
     out = constrain(out, R.QUERIES)
+    out = act_quant.quantize(self, 'wo', out)
     y = dense(out, self.wo[...].astype(self.dtype), 2)  # 'BTNH,NHD->BTD'
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)

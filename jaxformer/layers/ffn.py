@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice
+from jaxformer.layers import act_quant
 from jaxformer.layers.base import make_init, param, residual_init, zeros
 from jaxformer.layers.linear import dense
 from jaxformer.parallel import rules as R
@@ -77,6 +78,7 @@ class FeedForward(nnx.Module):
   `cfg.ffn.dropout` acts on the hidden activation and draws from the 'dropout' stream of `rngs`.
   `layer_index` is recorded for callers (e.g. analysis hooks); the dense FFN does not depend on it.
   """
+  ACT_INPUTS = ('wi', 'wi_gate', 'wi_up', 'wo')  # jaxformer/layers/act_quant.py
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer_index: int | None = None,
                num_layers: int | None = None):
@@ -121,15 +123,14 @@ class FeedForward(nnx.Module):
     x = x.astype(self.dtype)
     act = activation(self.activation)
     if self.gated:
-      h = act(_dense(x, self._w('wi_gate'), self._w('bi_gate')))
-      h = h * _dense(x, self._w('wi_up'), self._w('bi_up'))
+      h = act(self._dense(x, 'wi_gate', 'bi_gate'))
+      h = h * self._dense(x, 'wi_up', 'bi_up')
     else:
-      h = act(_dense(x, self._w('wi'), self._w('bi')))
+      h = act(self._dense(x, 'wi', 'bi'))
     h = constrain(h, R.FFN_HIDDEN)
     h = self.dropout(h, deterministic=deterministic, rngs=key)
-    return _dense(h, self._w('wo'), self._w('bo'))
+    return self._dense(h, 'wo', 'bo')
 
-
-def _dense(x, w, b):
-  y = dense(x, w)
-  return y if b is None else y + b
+  def _dense(self, x, w: str, b: str):
+    y = dense(act_quant.quantize(self, w, x), self._w(w))
+    return y if self._w(b) is None else y + self._w(b)

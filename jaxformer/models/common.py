@@ -21,7 +21,7 @@ from flax import nnx, struct
 
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import peft, position_registry
+from jaxformer.layers import act_quant, peft, position_registry
 from jaxformer.layers.base import check_token_ids, param, tag_params, zeros
 from jaxformer.layers.embeddings import Embed, make_embed, make_head
 from jaxformer.layers.norms import make_norm
@@ -126,6 +126,7 @@ class TokenEmbedder(nnx.Module):
 class LMHead(nnx.Module):
   """Reads states of width `dim` (None: d_model; the MLM head of a factorized embedding reads
   model.embed_width)."""
+  ACT_INPUTS = ('input',)  # jaxformer/layers/act_quant.py: the input of the tied or untied head
 
   def __init__(self, cfg: ModelConfig, embed: Embed, *, dim: int | None = None,
                rngs: nnx.Rngs):
@@ -142,6 +143,7 @@ class LMHead(nnx.Module):
     cfg = self.cfg
     if cfg.logits_scale is not None:
       h = h * jnp.asarray(cfg.logits_scale, h.dtype)
+    h = act_quant.quantize(self, 'input', h)
     logits = self.embed.attend(h) if self.head is None else self.head(h)
     logits = logits.astype(jnp.float32)
     if self.bias is not None:
