@@ -1,4 +1,5 @@
-"""Post-training weight quantization of the quickstart model: held-out bits per byte and size.
+"""Post-training quantization of the quickstart model (weights; weights and activations):
+held-out bits per byte and size.
 
     python -m jaxformer.train --config=configs/quickstart.py --workdir=runs/quickstart
     python experiments/ptq_quickstart.py --workdir=runs/quickstart --out=runs/ptq_quickstart.csv
@@ -32,6 +33,13 @@ SCHEMES = {  # name -> (flags, bound on |delta bits per byte| or None)
     'int4-channel': (['--bits=4', '--granularity=channel'], None),
     'int4-group32-embeddings': (['--bits=4', '--granularity=group', '--group_size=32',
                                  '--embeddings'], None),
+    # W8A8: the inputs of the matrices too, static int8 ranges calibrated on the training split
+    'w8a8-minmax': (['--bits=8', '--granularity=channel', '--activations'], None),
+    'w8a8-p99.99': (['--bits=8', '--granularity=channel', '--activations',
+                     '--act_calibration=percentile', '--act_percentile=99.99'], None),
+    'w8a8-zp-p99.9': (['--bits=8', '--granularity=channel', '--activations',
+                       '--noact_symmetric', '--act_calibration=percentile',
+                       '--act_percentile=99.9'], None),
 }
 FIELDS = ('scheme', 'flags', 'bits_per_byte', 'delta_bpb', 'bound', 'quantized_model_bytes',
           'code_bytes', 'scale_bytes', 'float_leftover_bytes', 'float_model_bytes', 'ratio')

@@ -1,6 +1,8 @@
 """python -m jaxformer.compress quantize --workdir=RUN --out=OUT [--bits=8|4]
        [--granularity=tensor|channel|group] [--group_size=128] [--nosymmetric]
        [--calibration=minmax|percentile] [--percentile=99.9] [--embeddings]
+       [--activations [--noact_symmetric] [--act_calibration=minmax|percentile]
+        [--act_percentile=99.99] [--calibration_split=SPLIT] [--calibration_batches=8]]
        [--config=FILE[:arg]] [--mesh=...]
 
 Post-training weight quantization of a finished run (docs/compression.md). Writes a run folder
@@ -11,8 +13,14 @@ scheme leaves alone) and no optimizer state, and `quantization.json` (the scheme
 run and the sizes in bytes, also printed). `python -m jaxformer.eval --workdir=OUT` and
 `jaxformer.generate` read OUT like any run: `Trainer(mode='eval')` sees quantization.json,
 restores the codes into their shardings and dequantizes them once, so evaluation and sampling
-compute in the model's float dtype with the quantized values (weight-only quantization;
-activations are not quantized). OUT cannot be trained further.
+compute in the model's float dtype with the quantized values. OUT cannot be trained further.
+
+With --activations the inputs of the model's matrices are quantized too (W8A8-style static
+activation quantization, jaxformer/layers/act_quant.py): one int8 range per matrix input and
+layer, calibrated on --calibration_batches batches of --calibration_split by min/max or a
+percentile, with the weights already quantized; OUT's config sets model.act_quant and its
+checkpoint holds the ranges, so evaluation and sampling fake-quantize every covered activation
+(the MoE experts' inputs, the router and the Mamba dt projection stay float).
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxformer.compress import quant
-from jaxformer.compress.config import QuantScheme
-from jaxformer.config import ConfigError
+from jaxformer.compress.config import CALIBRATIONS, QuantScheme
+from jaxformer.config import ConfigError, check_choice, fail
 from jaxformer.finetune import lora
+from jaxformer.layers import act_quant
 
 RECORD = 'quantization.json'
 
@@ -40,7 +50,12 @@ def read_record(workdir) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def refuse_training(workdir) -> None:
+def refuse_training(workdir, model_cfg) -> None:
+  if model_cfg.act_quant.bits:
+    raise ConfigError(
+        f'model.act_quant.bits={model_cfg.act_quant.bits} is invalid for training: calibrated '
+        'activation quantization is post-training only (python -m jaxformer.compress quantize '
+        '--activations on a finished run); use 0')
   if read_record(workdir) is not None:
     raise ConfigError(
         f'{workdir} holds a post-training-quantized model ({RECORD}): evaluate it or sample '
@@ -56,24 +71,133 @@ def _stored_layout(program, scheme: QuantScheme):
   return chosen, abstract, program.layout.state_shardings(abstract)
 
 
-def quantize_run(trainer, out: str, scheme: QuantScheme) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ActScheme:
+  """Static int8 activation quantization (jaxformer/layers/act_quant.py): one range per
+  matrix input and layer, calibrated on `batches` batches of `split` ('' = the run's training
+  split) by 'minmax' (the widest range seen) or 'percentile' (the mean over batches of the
+  (100 - p, p)-th percentiles, or of the p-th of |x| when symmetric)."""
+  symmetric: bool = True
+  calibration: str = 'minmax'
+  percentile: float = 99.99
+  split: str = ''
+  batches: int = 8
+
+  def validate(self) -> None:
+    check_choice('--act_calibration', self.calibration, CALIBRATIONS)
+    if self.calibration == 'percentile' and not 0 < self.percentile <= 100:
+      fail('--act_percentile', self.percentile, 'a percentile lies in (0, 100]')
+    if self.batches < 1:
+      fail('--calibration_batches', self.batches, 'calibration reads at least one batch')
+
+
+def calibrate(trainer, params: nnx.State, acts: ActScheme) -> tuple[Any, Any, dict[str, Any]]:
+  """(graphdef, parameters, report) of the model with activation quantization: `params` (the
+  model's parameters, quantized weights dequantized) with the calibrated ranges of `acts`."""
+  from jaxformer.parallel import state as state_lib  # pylint: disable=import-outside-toplevel
+  from jaxformer.train import tasks  # pylint: disable=import-outside-toplevel
+  from jaxformer.train.step import with_dropout_key  # pylint: disable=import-outside-toplevel
+  exp, program, layout = trainer.exp, trainer.program, trainer.layout
+  if layout.pipeline is not None:
+    raise ConfigError('--activations calibrates on a layout without pipeline stages: pass a '
+                      "--mesh without a 'stage' axis (e.g. --mesh=data:-1)")
+  cfg = exp.model.replace(act_quant=dataclasses.replace(
+      exp.model.act_quant, bits=8, symmetric=acts.symmetric))
+  graphdef, abstract, _ = nnx.split(state_lib.abstract_model(cfg, exp.train.seed), nnx.Param, ...)
+  sites = sorted(act_quant.ranges(abstract))
+  if not sites:
+    raise ConfigError(f'model.family={cfg.family!r} has no matrix input that activation '
+                      'quantization covers (jaxformer/layers/act_quant.py): drop --activations')
+  shardings = layout.state_shardings(abstract)
+
+  def full(p):  # the model's parameters with NaN (uncalibrated) ranges
+    fp = lora.flat_params(p)
+    return nnx.from_flat_state(
+        [(path, v.replace(jnp.full(v.get_value().shape, jnp.nan, jnp.float32))
+          if isinstance(v, act_quant.ActRange) else fp[lora.path_key(path)])
+         for path, v in nnx.to_flat_state(abstract)])
+
+  with_ranges = jax.jit(full, out_shardings=shardings)(params)
+  observe_how = (acts.calibration, acts.percentile, acts.symmetric)
+
+  def observe(p, rest, batch):
+    model = nnx.merge(graphdef, p, with_dropout_key(rest, jax.random.key(0)))
+    with act_quant.observing(*observe_how):
+      tasks.compute_loss(model, exp.data.task, batch, cfg, tasks.LossConfig(),
+                         deterministic=True)
+    return act_quant.ranges(model)
+
+  step = jax.jit(layout.wrap(observe), in_shardings=(shardings, program.rest_shardings,
+                                                     program.batch_sharding),
+                 out_shardings=layout.replicated)
+  split = acts.split or exp.data.train_split
+  it = trainer.split_pipeline(split)
+  seen = []
+  for batch in it:
+    seen.append(step(with_ranges, program.rest, trainer.device_batch(batch)))
+    if len(seen) == acts.batches:
+      break
+  it.close()
+  if not seen:
+    raise ConfigError(f'--calibration_split={split!r} holds no batch of {exp.train.batch_size} '
+                      'rows: choose another split')
+  calibrated = act_quant.combine(seen, acts.calibration)
+  missing = [k for k, v in calibrated.items() if bool(jnp.isnan(v).any())]
+  if missing:
+    raise ConfigError(f'activation quantization: no calibration batch reached {missing}')
+
+  def fill(p):
+    return nnx.from_flat_state(
+        [(path, v.replace(calibrated[lora.path_key(path)]) if isinstance(v, act_quant.ActRange)
+          else v) for path, v in nnx.to_flat_state(p)])
+
+  report = {'bits': 8, **dataclasses.asdict(acts), 'split': split, 'batches': len(seen),
+            'sites': len(sites),
+            'ranges': {k: jax.device_get(v).round(5).tolist() for k, v in calibrated.items()}}
+  return graphdef, jax.jit(fill, out_shardings=shardings)(with_ranges), report
+
+
+def quantize_run(trainer, out: str, scheme: QuantScheme, acts: ActScheme | None = None
+                 ) -> dict[str, Any]:
   """Writes OUT (module docstring) from `trainer` (a Trainer in mode 'eval'); returns the
-  record written to OUT/quantization.json."""
+  record written to OUT/quantization.json. With `acts`, also calibrates static activation
+  ranges (`calibrate`) on the model with quantized weights and stores them with it."""
   from jaxformer.finetune.export import plain_config, write_run  # pylint: disable=import-outside-toplevel
   from jaxformer.train.workdir import as_path, write_text  # pylint: disable=import-outside-toplevel
   scheme.validate('--')
+  if acts is not None:
+    acts.validate()
   program = trainer.program
   chosen, _, shardings = _stored_layout(program, scheme)
   # The raw weights of a QAT run (not its fake-quantized ones): quantized with the QAT scheme
   # they give exactly the values its forward pass used.
   params = jax.jit(functools.partial(program.plan.view_params, fake_quant=False),
                    out_shardings=program.model_param_shardings)(program.model_view(trainer.state))
-  stored = jax.jit(lambda p: quant.quantize_params(p, chosen, scheme),
-                   out_shardings=shardings)(params)
-  step = int(trainer.state['step'])
-  record = {'scheme': dataclasses.asdict(scheme), 'source': str(trainer.workdir), 'step': step,
-            'quantized': sorted(chosen), 'size': quant.size_report(stored, params, chosen)}
   config = plain_config(trainer.exp)
+  record = {'scheme': dataclasses.asdict(scheme), 'source': str(trainer.workdir)}
+  weights = params
+  if acts is not None:
+    # Ranges of the activations the quantized model computes: calibrated with its weights.
+    templates = program.abstract_model_params
+    dequantized = jax.jit(
+        lambda p: quant.dequantize_params(quant.quantize_params(p, chosen, scheme), templates,
+                                          chosen, scheme),
+        out_shardings=program.model_param_shardings)(params)
+    _, weights, record['activations'] = calibrate(trainer, dequantized, acts)
+    del dequantized
+    # The stored parameters: the float weights (quantized below) with the ranges.
+    fp = lora.flat_params(params)
+    weights = nnx.from_flat_state(
+        [(path, v if isinstance(v, act_quant.ActRange) else fp[lora.path_key(path)])
+         for path, v in nnx.to_flat_state(weights)])
+    config['model'] = dict(config['model'], act_quant={'bits': 8, 'symmetric': acts.symmetric})
+    shardings = program.layout.state_shardings(
+        jax.eval_shape(lambda p: quant.quantize_params(p, chosen, scheme), weights))
+  stored = jax.jit(lambda p: quant.quantize_params(p, chosen, scheme),
+                   out_shardings=shardings)(weights)
+  step = int(trainer.state['step'])
+  record.update(step=step, quantized=sorted(chosen),
+                size=quant.size_report(stored, params, chosen))
   # The stored weights are quantized already: a QAT run's fake quantization is off in OUT.
   config['compress'] = dict(config['compress'], qat=dict(config['compress']['qat'], bits=0))
   write_run(out, config, step, {'params': stored, 'step': trainer.state['step']},
@@ -109,7 +233,14 @@ def main(argv, *, flag_values) -> None:
                           ('bits', 'granularity', 'group_size', 'symmetric', 'calibration',
                            'percentile', 'embeddings')})
   scheme.validate('--')
-  record = on_finished_run(f, lambda trainer: quantize_run(trainer, f['out'].value, scheme))
+  acts = None
+  if f['activations'].value:
+    acts = ActScheme(symmetric=f['act_symmetric'].value, calibration=f['act_calibration'].value,
+                     percentile=f['act_percentile'].value, split=f['calibration_split'].value,
+                     batches=f['calibration_batches'].value)
+    acts.validate()
+  record = on_finished_run(f, lambda trainer: quantize_run(trainer, f['out'].value, scheme,
+                                                           acts))
   print(json.dumps({'out': f['out'].value, **record}, indent=1))
 
 
@@ -117,7 +248,7 @@ def define_flags() -> dict[str, Any]:
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   from jaxformer.cli import define_run_command_flags  # pylint: disable=import-outside-toplevel
-  d = QuantScheme()
+  d, a = QuantScheme(), ActScheme()
   return {
       **define_run_command_flags('The run to quantize.'),
       'bits': flags.DEFINE_integer('bits', d.bits, 'Bits per code: 8 or 4.'),
@@ -134,4 +265,20 @@ def define_flags() -> dict[str, Any]:
                                        'The percentile with --calibration=percentile.'),
       'embeddings': flags.DEFINE_bool('embeddings', d.embeddings,
                                       'Also quantize embedding tables (one scale per row).'),
+      'activations': flags.DEFINE_bool(
+          'activations', False, 'Also quantize the inputs of the matrices to int8 (one static '
+          'scale per tensor and layer, calibrated on --calibration_split).'),
+      'act_symmetric': flags.DEFINE_bool('act_symmetric', a.symmetric,
+                                         'Symmetric activation codes; --noact_symmetric: a '
+                                         'zero point.'),
+      'act_calibration': flags.DEFINE_string(
+          'act_calibration', a.calibration, 'minmax (the widest range seen) or percentile (the '
+          'mean over batches of the --act_percentile range).'),
+      'act_percentile': flags.DEFINE_float('act_percentile', a.percentile,
+                                           'The percentile with --act_calibration=percentile.'),
+      'calibration_split': flags.DEFINE_string(
+          'calibration_split', a.split, "The split the activation ranges come from ('': the "
+          "run's training split)."),
+      'calibration_batches': flags.DEFINE_integer('calibration_batches', a.batches,
+                                                  'Batches of --calibration_split to read.'),
   }

@@ -43,6 +43,11 @@ def export(trainer, out: str, fmt: str = 'hf') -> str:
   if fmt not in FORMATS:
     raise ConfigError(f'--format={fmt!r} is invalid: allowed values are {list(FORMATS)}')
   exp = trainer.exp
+  if exp.model.act_quant.bits:
+    raise ConfigError(
+        f'{trainer.workdir} quantizes activations with calibrated ranges (model.act_quant), '
+        'which neither a Hugging Face model nor a trainable run can hold: export the float run '
+        '(or a weight-only quantized one)')
   params = merged_params(trainer)
   if fmt == 'hf':
     from flax import nnx  # pylint: disable=import-outside-toplevel

@@ -157,7 +157,7 @@ class Trainer:
           f'(python -m jaxformer.train --workdir={self.workdir} ...)')
     # A post-training-quantized run folder (python -m jaxformer.compress quantize) is read only.
     if mode == 'train':
-      ptq.refuse_training(self.workdir)
+      ptq.refuse_training(self.workdir, exp.model)
     self.quantized = ptq.read_record(self.workdir)
     # The init_from source is read when a fresh start needs it, or when the frozen parameters
     # (never checkpointed) come from it.
@@ -291,12 +291,21 @@ class Trainer:
     return f'the last good checkpoint (step {step}) is kept'
 
   # ---------------------------------------------------------------- data
-  def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the batch -> global arrays split over the batch axes."""
     sharding = self.program.batch_sharding
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
   # ---------------------------------------------------------------- evaluation
+  def split_pipeline(self, split: str):
+    """This process's batches of `split` in order, one epoch (host arrays; `device_batch`
+    makes them global)."""
+    exp = self.exp
+    return make_process_pipeline(
+        exp.data, split, batch_size=exp.train.batch_size, seed=exp.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=self.tokenizer, shuffle=False, num_epochs=1)
+
   def evaluate(self, split: str, num_batches: int, *, counts: bool = False
                ) -> dict[str, float]:
     """Mean metrics over `num_batches` batches of `split` in order (-1: the whole split).
@@ -306,17 +315,14 @@ class Trainer:
     if num_batches == 0:
       return {}
     exp = self.exp
-    it = make_process_pipeline(
-        exp.data, split, batch_size=exp.train.batch_size, seed=exp.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        tokenizer=self.tokenizer, shuffle=False, num_epochs=1)
+    it = self.split_pipeline(split)
     totals: dict[str, Any] = {}
     read, whole = 0, True
     for batch in it:
       if 0 < num_batches <= read:
         whole = False
         break
-      sums = self.eval_step(self.program.model_view(self.state), self._device_batch(batch))
+      sums = self.eval_step(self.program.model_view(self.state), self.device_batch(batch))
       totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
       read += 1
     it.close()
@@ -381,7 +387,7 @@ class Trainer:
       throughput(step)
       while step < t.steps:
         profiler.before(step)
-        batch = self._device_batch(next(self.train_iter))
+        batch = self.device_batch(next(self.train_iter))
         self.state, metrics = self.train_step(self.state, batch)
         pending.append(metrics)
         step += 1

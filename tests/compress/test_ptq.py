@@ -15,7 +15,7 @@ from flax import nnx
 from jaxformer.compress import ptq, quant
 from jaxformer.compress.config import QatConfig, QuantScheme
 from jaxformer.config import ConfigError
-from jaxformer.finetune import lora
+from jaxformer.finetune import export, lora
 from jaxformer.finetune.config import FinetuneConfig
 from jaxformer.models import family_dict
 from jaxformer.parallel import state as state_lib
@@ -97,6 +97,56 @@ def test_ptq_run_folder_loads_the_dequantized_weights(trained, tmp_path, scheme,
   with pytest.raises(ConfigError, match='post-training-quantized model'):
     Trainer(json.loads((out / 'config.json').read_text()), str(out), devices=jax.devices()[:1])
 
+
+def test_w8a8_run_folder_quantizes_activations(trained, tmp_path):
+  """--activations: static int8 ranges for every matrix input of every layer, calibrated on
+  the training split, stored with the int8 weights; the folder evaluates within the int8
+  bound of the float run but not equal to the weight-only folder (the activations really are
+  quantized), samples, and its config refuses training."""
+  source = open_run(trained)
+  before = source.evaluate('validation', 2)['bits_per_byte']
+  scheme = QuantScheme(bits=8, granularity='channel')
+  ptq.quantize_run(source, str(tmp_path / 'w8'), scheme)
+  record = ptq.quantize_run(source, str(tmp_path / 'w8a8'), scheme,
+                            ptq.ActScheme(calibration='percentile', percentile=99.9, batches=2))
+  source.close()
+  acts = record['activations']
+  assert (acts['split'], acts['batches'], acts['calibration']) == ('train', 2, 'percentile')
+  # The LM head's input, and per layer q k v o and the gated FFN's three matrices.
+  assert acts['sites'] == 8 and len(acts['ranges']) == 8
+  for k, r in acts['ranges'].items():
+    r = np.asarray(r)
+    assert r.shape == ((2,) if k == 'head.input_act' else (L, 2)), k
+    assert np.all(r[..., 0] < 0) and np.all(r[..., 1] > 0) and np.allclose(r[..., 0], -r[..., 1])
+  cfg = json.loads((tmp_path / 'w8a8' / 'config.json').read_text())
+  assert cfg['model']['act_quant'] == {'bits': 8, 'symmetric': True}
+  w8, w8a8 = open_run(tmp_path / 'w8'), open_run(tmp_path / 'w8a8')
+  loaded = flat(w8a8.model_params())
+  for k, r in acts['ranges'].items():  # the stored ranges are the calibrated ones
+    np.testing.assert_allclose(loaded[k], r, atol=1e-5, err_msg=k)
+  weights = flat(w8.model_params())
+  for k, w in weights.items():  # and the weights those of the weight-only folder
+    np.testing.assert_array_equal(loaded[k], w, err_msg=k)
+  weight_only = w8.evaluate('validation', 2)['bits_per_byte']
+  after = w8a8.evaluate('validation', 2)['bits_per_byte']
+  assert after != weight_only and abs(after - before) < 0.02, (before, weight_only, after)
+  assert isinstance(w8a8.sample('def ', 4), str)
+  for fmt in ('hf', 'jaxformer'):  # the ranges have no place in either
+    with pytest.raises(ConfigError, match='quantizes activations'):
+      export.export(w8a8, str(tmp_path / fmt), fmt)
+  w8.close()
+  w8a8.close()
+  with pytest.raises(ConfigError, match='model.act_quant.bits=8 is invalid for training'):
+    Trainer(cfg, str(tmp_path / 'fresh'), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('acts, match', [
+    (ptq.ActScheme(calibration='mean'), '--act_calibration'),
+    (ptq.ActScheme(calibration='percentile', percentile=0.0), '--act_percentile'),
+    (ptq.ActScheme(batches=0), '--calibration_batches')])
+def test_bad_activation_options_name_the_flag(acts, match):
+  with pytest.raises(ConfigError, match=match):
+    acts.validate()
 
 def test_qat_model_params_are_fake_quantized_with_the_ste():
   """ParamPlan.model_params under compress.qat: the matrices are dequant(quant(w)), the rest
@@ -204,6 +254,32 @@ def test_ptq_folder_restores_onto_a_mesh(trained, tmp_path):
                              one.evaluate('validation', 1)['loss'], rtol=1e-5)
   one.close()
   mesh.close()
+
+
+@pytest.mark.slow
+def test_w8a8_calibrates_alike_on_a_mesh(trained, tmp_path):
+  """Activation ranges calibrated on 4 devices (FSDP) equal the one-device ones, and the
+  folders evaluate alike."""
+  scheme, acts = QuantScheme(bits=8), ptq.ActScheme(batches=2)
+  one = open_run(trained)
+  r1 = ptq.quantize_run(one, str(tmp_path / 'one'), scheme, acts)
+  one.close()
+  cfg = json.loads((pathlib.Path(trained) / 'config.json').read_text())
+  cfg['parallel']['mesh'] = {'fsdp': 4}
+  mesh = Trainer(cfg, str(trained), mode='eval', devices=jax.devices()[:4])
+  r4 = ptq.quantize_run(mesh, str(tmp_path / 'mesh'), scheme, acts)
+  mesh.close()
+  assert r1['activations']['ranges'].keys() == r4['activations']['ranges'].keys()
+  for k, r in r1['activations']['ranges'].items():
+    np.testing.assert_allclose(r4['activations']['ranges'][k], r, rtol=1e-4, err_msg=k)
+  cfg = json.loads((tmp_path / 'mesh' / 'config.json').read_text())
+  cfg['parallel']['mesh'] = {'fsdp': 4}
+  q4 = Trainer(cfg, str(tmp_path / 'mesh'), mode='eval', devices=jax.devices()[:4])
+  q1 = open_run(tmp_path / 'one')
+  np.testing.assert_allclose(q4.evaluate('validation', 1)['loss'],
+                             q1.evaluate('validation', 1)['loss'], rtol=1e-5)
+  q4.close()
+  q1.close()
 
 
 @pytest.mark.slow
