@@ -35,6 +35,7 @@ from flax import nnx, struct
 
 from jaxformer.attention import registry, set_sow_weights
 from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.layers.ffn import set_sow_hidden
 from jaxformer.models.stack import layer_period
 
 
@@ -72,27 +73,59 @@ def run_with_maps(model: nnx.Module, fn: Callable[[nnx.Module], object]
   loss, whose gradient flows through model' to the parameters of `model`)."""
   cfg: ModelConfig = model.cfg
   check_weights(cfg)
+  result, sown = run_sowing(model, fn, ('attention_weights',))
+  return result, {name: AttentionMap(w, name, layers)
+                  for name, (layers, w) in sown['attention_weights'].items()}
+
+
+# Which modules sow what, and the switch that turns them on.
+SOWERS = {'attention_weights': set_sow_weights, 'hidden': set_sow_hidden}
+
+
+def run_sowing(model: nnx.Module, fn: Callable[[nnx.Module], object], what: tuple[str, ...]
+               ) -> tuple[object, dict[str, dict[str, tuple[tuple[int, ...], jax.Array]]]]:
+  """(fn(model'), {what: {site: (layers, values [L, ...])}}) with model' a copy of `model`
+  whose modules sow `what` ('attention_weights': attention cores' probabilities; 'hidden': the
+  dense FFNs' hidden activations) once each; sites and layer numbers as in the module
+  docstring. Raises ConfigError when no module of the model sows one of `what`."""
+  cfg: ModelConfig = model.cfg
   graphdef, state = nnx.split(model)
   m = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
-  if not set_sow_weights(m, True):
-    raise ConfigError(f'model.attention.kind={cfg.attention.kind!r}: no attention core of this '
-                      f'model.family={cfg.family!r} can sow its weights')
+  for name in what:
+    if not SOWERS[name](m, True):
+      raise ConfigError(f'model.family={cfg.family!r} (model.attention.kind='
+                        f'{cfg.attention.kind!r}) has no module that gives {name!r}')
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', 'Using .Module.sow', DeprecationWarning)
     result = fn(m)
   sown = nnx.pop(m, nnx.Intermediate)
   nnx.update(model, nnx.state(m))
   period = layer_period(cfg)
+  out = {}
+  for name in what:
+    sites = _by_site(sown, name, period)
+    if not sites:
+      raise ConfigError(f'model.family={cfg.family!r} with model.attention.kind='
+                        f'{cfg.attention.kind!r} sowed no {name!r}')
+    out[name] = {site: (tuple(i for i, _ in items),
+                        jnp.stack([w for _, w in items]).astype(jnp.float32))
+                 for site, items in sorted(sites.items())}
+  return result, out
+
+
+def _by_site(sown, leaf: str, period: int) -> dict[str, list[tuple[int, jax.Array]]]:
+  """{site: [(layer, value)] sorted by layer} of the values sown under `leaf`."""
   sites: dict[str, list[tuple[int, jax.Array]]] = {}
   for path, value in nnx.to_flat_state(sown):
-    if path[-1] != 'attention_weights':
+    if path[-1] != leaf:
       continue
     calls = value.get_value()
     if len(calls) != 1:
       raise ValueError(f'{"/".join(map(str, path))} was sown {len(calls)} times: fn must call '
                        'the model once')
     w = calls[0]
-    site = [str(p) for p in path[:-2]]  # drop 'core' / 'attention_weights'
+    # The module's path: an attention core sits under its Attention ('.../self_attn/core').
+    site = [str(p) for p in (path[:-2] if path[-2] == 'core' else path[:-1])]
     if 'layers' in path:
       i = path.index('layers')
       block = path[i + 2]  # layers / blocks / <i> / ...
@@ -101,15 +134,9 @@ def run_with_maps(model: nnx.Module, fn: Callable[[nnx.Module], object]
         sites.setdefault(name, []).append((g * period + int(block), w[g]))
     else:
       sites.setdefault('/'.join(site), []).append((0, w))
-  if not sites:
-    raise ConfigError(f'model.family={cfg.family!r} with model.attention.kind='
-                      f'{cfg.attention.kind!r} sowed no attention weights')
-  out = {}
-  for name, items in sorted(sites.items()):
+  for items in sites.values():
     items.sort(key=lambda x: x[0])
-    out[name] = AttentionMap(jnp.stack([w for _, w in items]).astype(jnp.float32), name,
-                             tuple(i for i, _ in items))
-  return result, out
+  return sites
 
 
 def self_attention(maps: dict[str, AttentionMap]) -> AttentionMap:

@@ -99,6 +99,9 @@ class FeedForward(nnx.Module):
       setattr(self, name, param(rngs, inits[role], shapes[role], names, cfg.params_dtype))
     self.dropout = nnx.Dropout(cfg.ffn.dropout, rngs=rngs if cfg.ffn.dropout > 0 else None)
     self.chunk_size = cfg.ffn.chunk_size
+    # Sows the hidden activation (the input of wo) as 'hidden' (nnx.Intermediate) when True:
+    # activation-entropy monitoring (jaxformer/analysis/entropy.py, set_sow_hidden).
+    self.sow_hidden = False
 
   def _w(self, name):
     w = getattr(self, name, None)
@@ -128,9 +131,22 @@ class FeedForward(nnx.Module):
     else:
       h = act(self._dense(x, 'wi', 'bi'))
     h = constrain(h, R.FFN_HIDDEN)
+    if self.sow_hidden:
+      self.sow(nnx.Intermediate, 'hidden', h)
     h = self.dropout(h, deterministic=deterministic, rngs=key)
     return self._dense(h, 'wo', 'bo')
 
   def _dense(self, x, w: str, b: str):
     y = dense(act_quant.quantize(self, w, x), self._w(w))
     return y if self._w(b) is None else y + self._w(b)
+
+
+def set_sow_hidden(model: nnx.Module, enabled: bool = True) -> int:
+  """Turns sowing of the hidden activation on or off in every dense FFN of `model`; returns how
+  many were switched."""
+  count = 0
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, FeedForward):
+      m.sow_hidden = enabled
+      count += 1
+  return count
