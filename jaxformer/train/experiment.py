@@ -64,7 +64,8 @@ class TrainConfig:
   (L_inf radius `adversarial_eps`; PGD: `adversarial_steps` steps of `adversarial_step_size`,
   0 = 2.5 eps / steps, from a random start unless `adversarial_random_start` is False);
   jaxformer/analysis/adversarial.py. `entropy_metrics`: log the mean attention entropy of every
-  layer (jaxformer/analysis/entropy.py); docs/analysis.md."""
+  layer; `activation_entropy`: the mean entropy of every dense FFN layer's hidden activation
+  (jaxformer/analysis/entropy.py); docs/analysis.md."""
   seed: int = 0
   batch_size: int = 16
   steps: int = 1000
@@ -96,6 +97,7 @@ class TrainConfig:
   adversarial_weight: float = 0.5
   adversarial_random_start: bool = True
   entropy_metrics: bool = False
+  activation_entropy: bool = False
 
   def validate(self) -> None:
     check_choice('train.nonfinite', self.nonfinite, NONFINITE)
@@ -234,12 +236,19 @@ class Experiment:
         check_weights(m)
       except ConfigError as e:
         fail('train.entropy_metrics', True, f'needs the attention probabilities: {e}')
+    if t.activation_entropy and m.ffn.chunk_size is not None:
+      fail('train.activation_entropy', True, f'cannot read the FFN activations computed in '
+           f'chunks (model.ffn.chunk_size={m.ffn.chunk_size}, a loop that keeps no sown values): '
+           'use chunk_size None')
+    for field in ('entropy_metrics', 'activation_entropy'):
+      if not getattr(t, field):
+        continue
       for why, on in (('pipeline parallelism (parallel.mesh.stage > 1)',
                        self.parallel.axis_size('stage') > 1),
                       ('reversible layers (model.reversible)', m.reversible)):
         if on:
-          fail('train.entropy_metrics', True, f'cannot read the attention weights of {why}: '
-               'the layers run inside their own transforms, which keep no sown values')
+          fail(f'train.{field}', True, f'cannot read the activations of {why}: the layers run '
+               'inside their own transforms, which keep no sown values')
 
   def check_length(self, field: str, seq_len: int) -> None:
     """Refuses a row length (data.seq_len or a curriculum stage's) the model or the mesh cannot

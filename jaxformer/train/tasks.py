@@ -48,6 +48,7 @@ class LossConfig:
   z_loss: float = 0.0
   adversarial: adversarial.AdversarialConfig = adversarial.AdversarialConfig()
   entropy_metrics: bool = False
+  activation_entropy: bool = False
 
   @classmethod
   def from_train(cls, t) -> 'LossConfig':
@@ -57,7 +58,7 @@ class LossConfig:
                    attack=t.adversarial, eps=t.adversarial_eps, steps=t.adversarial_steps,
                    step_size=t.adversarial_step_size, weight=t.adversarial_weight,
                    random_start=t.adversarial_random_start),
-               entropy_metrics=t.entropy_metrics)
+               entropy_metrics=t.entropy_metrics, activation_entropy=t.activation_entropy)
 
 
 def check_task(task: str, model: ModelConfig) -> None:
@@ -107,18 +108,27 @@ def compute_loss(model, task: str, batch: dict, cfg: ModelConfig, loss_cfg: Loss
   """
   objective = functools.partial(task_loss, task=task, batch=batch, cfg=cfg, loss_cfg=loss_cfg,
                                 deterministic=deterministic, microbatches=microbatches)
-  if loss_cfg.entropy_metrics:
-    objective = _with_entropy(objective)
+  if loss_cfg.entropy_metrics or loss_cfg.activation_entropy:
+    objective = _with_entropy(objective, loss_cfg)
   if loss_cfg.adversarial.attack != 'none':
     ids = batch['inputs'] if task == 'rtd' else model_inputs(task, batch)[0][0]
     return adversarial.adversarial_loss(model, objective, ids, loss_cfg.adversarial)
   return objective(model)
 
 
-def _with_entropy(objective):
+def _with_entropy(objective, loss_cfg: LossConfig):
+  what = (('attention_weights',) if loss_cfg.entropy_metrics else ()) + (
+      ('hidden',) if loss_cfg.activation_entropy else ())
+
   def run(model):
-    (loss, metrics), maps = maps_lib.run_with_maps(model, objective)
-    return loss, dict(metrics, **entropy_lib.entropy_metrics(maps))
+    (loss, metrics), sown = maps_lib.run_sowing(model, objective, what)
+    if 'attention_weights' in sown:
+      metrics = dict(metrics, **entropy_lib.entropy_metrics(
+          {name: maps_lib.AttentionMap(w, name, layers)
+           for name, (layers, w) in sown['attention_weights'].items()}))
+    if 'hidden' in sown:
+      metrics = dict(metrics, **entropy_lib.activation_metrics(sown['hidden']))
+    return loss, metrics
   return run
 
 

@@ -55,3 +55,59 @@ def test_entropy_metrics_refused_without_weights(model, words):
                      train=dict(entropy_metrics=True))
   with pytest.raises(ConfigError, match=f'train.entropy_metrics.*{words}'):
     Experiment.from_config(c)
+
+
+def test_activation_entropy_equals_hand_computation_on_the_ffn_inputs(monkeypatch):
+  """The metric of each layer is the mean over tokens of the entropy of |h| / sum |h|, h the
+  hidden activation that enters the FFN's output matrix (captured by spying on the unrolled
+  stack); the scanned stack gives the same metrics, and the loss is unchanged."""
+  from jaxformer.layers.ffn import FeedForward  # pylint: disable=import-outside-toplevel
+  x = tokens()
+  seg = jnp.array([[1] * 6, [1] * 4 + [0] * 2])
+  batch = {'inputs': x, 'targets': x, 'segment_ids': seg}
+  on_cfg = tasks.LossConfig(activation_entropy=True, entropy_metrics=True)
+  unrolled = tiny(scan_layers=False)
+  captured = []
+  dense = FeedForward._dense
+
+  def spy(self, h, w, b):
+    if w == 'wo':
+      captured.append(np.asarray(h, np.float64))
+    return dense(self, h, w, b)
+
+  monkeypatch.setattr(FeedForward, '_dense', spy)
+  loss, metrics = tasks.compute_loss(unrolled, 'lm', batch, unrolled.cfg, on_cfg,
+                                     deterministic=True)
+  monkeypatch.setattr(FeedForward, '_dense', dense)
+  assert len(captured) == 2  # one call per layer
+  for layer, h in enumerate(captured):
+    p = np.abs(h) / np.abs(h).sum(-1, keepdims=True)
+    ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+    assert float(metrics[f'activation_entropy/stack/ffn/{layer}']) == pytest.approx(ent.mean(),
+                                                                            rel=1e-5)
+    assert 0 < ent.mean() < np.log(h.shape[-1])
+  off_loss, off = tasks.compute_loss(unrolled, 'lm', batch, unrolled.cfg, tasks.LossConfig(),
+                                     deterministic=True)
+  assert not any(k.startswith('activation_entropy') for k in off)
+  np.testing.assert_allclose(loss, off_loss, rtol=1e-6)
+  scanned = tiny()
+  _, got = nnx.jit(lambda m: tasks.compute_loss(m, 'lm', batch, m.cfg, on_cfg,
+                                                deterministic=True))(scanned)
+  assert {k for k in got if 'entropy' in k} == {k for k in metrics if 'entropy' in k}
+  for k, v in metrics.items():
+    if 'entropy' in k:
+      assert float(got[k]) == pytest.approx(float(v), rel=1e-5), k
+
+
+def test_activation_entropy_needs_dense_ffn_activations():
+  base = dict(family='decoder', d_model=16, num_layers=1, vocab_size=32, max_length=8,
+              attention={'num_heads': 2}, ffn={'chunk_size': 4})
+  c = default_config(model=base, data={'task': 'lm', 'seq_len': 8},
+                     train=dict(activation_entropy=True))
+  with pytest.raises(ConfigError, match='train.activation_entropy.*chunk'):
+    Experiment.from_config(c)
+  mamba = tiny('mamba')  # no dense FFN at all
+  x = tokens()
+  with pytest.raises(ConfigError, match="'hidden'"):
+    tasks.compute_loss(mamba, 'lm', {'inputs': x, 'targets': x}, mamba.cfg,
+                       tasks.LossConfig(activation_entropy=True), deterministic=True)
