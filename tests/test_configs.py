@@ -38,7 +38,16 @@ def test_every_config_is_collected():
   assert len(CONFIGS) >= 12 and 'quickstart' in map(_name, CONFIGS)
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=_name)
+# Configs whose kind another config of the default suite trains too (the slow suite trains them
+# all): the Mistral decoder (LLaMA's blocks with a window: quickstart, llama), RoBERTa MLM
+# (bert_base_mlm), fine-tuning GPT-2 from a local HF import (gpt2_small trains the family,
+# finetune_lora trains from an HF import).
+SAME_KIND_AS_ANOTHER = ('mistral', 'roberta', 'finetune_full')
+
+
+@pytest.mark.parametrize('path', [
+    pytest.param(p, marks=pytest.mark.slow) if _name(p) in SAME_KIND_AS_ANOTHER else p
+    for p in CONFIGS], ids=_name)
 def test_tiny_preset_trains_two_steps(path, tmp_path):
   module = load(_name(path))
   assert module.__doc__ and 'python -m jaxformer.train' in module.__doc__, path
