@@ -34,8 +34,8 @@ from flax.core import FrozenDict
 from jaxformer.attention import registry
 from jaxformer.attention.mask import AttentionMask
 from jaxformer.config import ModelConfig
-from jaxformer.layers import act_quant, base, peft, position_registry
-from jaxformer.layers.linear import dense
+from jaxformer.layers import base, peft, position_registry
+from jaxformer.layers.linear import project
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -76,7 +76,7 @@ def needed_features(cfg: ModelConfig, *, cross: bool, causal: bool) -> set[str]:
 
 class Attention(nnx.Module):
   """Self- or cross-attention used by every model family; see the module docstring."""
-  ACT_INPUTS = ('wq', 'wk', 'wv', 'wo')  # jaxformer/layers/act_quant.py
+  PROJECTIONS = ('wq', 'wk', 'wv', 'wo')  # jaxformer/layers/linear.py `project`
 
   def __init__(self, cfg: ModelConfig, *, cross: bool = False, causal: bool = False,
                rngs: nnx.Rngs):
@@ -150,8 +150,7 @@ class Attention(nnx.Module):
 
   # ---------------------------------------------------------------- projections
   def _proj(self, x, name, b):
-    x = act_quant.quantize(self, name, x)
-    y = dense(x, getattr(self, name)[...].astype(self.dtype))  # 'BTD,DNH->BTNH'
+    y = project(self, name, x, getattr(self, name)[...].astype(self.dtype))  # 'BTD,DNH->BTNH'
     return y if b is None else y + b[...].astype(self.dtype)
 
   def _keys_values(self, src: jax.Array):
@@ -273,8 +272,7 @@ class Attention(nnx.Module):
     # length-split (RESIDUAL), and without this pin XLA carries that layout back into the
     # attention core's backward pass and reshards the [B, K, G, T, S] probabilities there.
     out = constrain(out, R.QUERIES)
-    out = act_quant.quantize(self, 'wo', out)
-    y = dense(out, self.wo[...].astype(self.dtype), 2)  # 'BTNH,NHD->BTD'
+    y = project(self, 'wo', out, self.wo[...].astype(self.dtype), 2)  # 'BTNH,NHD->BTD'
     if self.bo is not None:
       y = y + self.bo[...].astype(self.dtype)
     return constrain(y, R.RESIDUAL)

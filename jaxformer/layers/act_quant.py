@@ -1,9 +1,11 @@
 """Static int8 activation quantization at the inputs of the model's matrices (W8A8 post-training
 quantization; `python -m jaxformer.compress quantize --activations`, docs/compression.md).
 
-A module names the matrices whose inputs can be quantized in its class attribute `ACT_INPUTS`
-(attention: wq wk wv wo; FFN: wi / wi_gate / wi_up, wo; the LM head's input, tied or not; the
-Mamba, convolution and adapter projections). With `model.act_quant.bits` = 8, `attach` gives each
+A module names the matrices it computes through `jaxformer.layers.linear.project` in its class
+attribute `PROJECTIONS` (attention: wq wk wv wo; FFN: wi / wi_gate / wi_up, wo; the Mamba,
+convolution and adapter projections), and their inputs are the sites, unless `ACT_INPUTS`
+says otherwise (the LM head quantizes its own input, tied or not, as 'input'; so the untied
+head's kernel does not). With `model.act_quant.bits` = 8, `attach` gives each
 such module one `ActRange` parameter per name, `<name>_act` = [lo, hi] (stacked like the
 module's weights: one range per layer), and `quantize(module, name, x)`, which the module calls
 on the activation x just before it meets that matrix, replaces x by its fake-quantized value:
@@ -74,14 +76,13 @@ def observing(method: str, percentile: float, symmetric: bool):
 
 # ---------------------------------------------------------------------- the model side
 def attach(model: nnx.Module, bits: int, symmetric: bool) -> nnx.Module:
-  """Adds an ActRange `<name>_act` for every name in each module's ACT_INPUTS that names one of
+  """Adds an ActRange `<name>_act` for every name in `inputs(module)` that names one of
   its parameters (stacked like it), and an unstacked one for the name 'input' (the module's
   input, as the LM head's); other names (matrices this module was built without) are skipped.
   Returns `model`."""
-  modules = [m for _, m in nnx.iter_graph(model)
-             if isinstance(m, nnx.Module) and getattr(type(m), 'ACT_INPUTS', ())]
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and inputs(m)]
   for m in modules:
-    for name in type(m).ACT_INPUTS:
+    for name in inputs(m):
       w = getattr(m, name, None)
       if isinstance(w, nnx.Variable):
         names = tuple(w.get_metadata().get('out_sharding') or ())
@@ -97,6 +98,13 @@ def attach(model: nnx.Module, bits: int, symmetric: bool) -> nnx.Module:
                                          out_sharding=lead + (None,), eager_sharding=False,
                                          bits=bits, symmetric=symmetric))
   return model
+
+
+def inputs(module: nnx.Module) -> tuple[str, ...]:
+  """The names whose inputs `module` quantizes: its class's ACT_INPUTS, else its PROJECTIONS
+  (the matrices it computes through jaxformer.layers.linear.project)."""
+  cls = type(module)
+  return getattr(cls, 'ACT_INPUTS', getattr(cls, 'PROJECTIONS', ()))
 
 
 def quantize(module: nnx.Module, name: str, x: jax.Array) -> jax.Array:

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.layers import act_quant
 from jaxformer.layers.base import make_init, param, residual_init, zeros
-from jaxformer.layers.linear import dense
+from jaxformer.layers.linear import project
 from jaxformer.layers.norms import LayerNorm
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
@@ -54,7 +53,7 @@ def depthwise_conv(u_padded: jax.Array, seg_padded: jax.Array, seg: jax.Array,
 
 class ConvModule(nnx.Module):
   """x [B, T, D] (already normed) -> [B, T, D]; see the module docstring."""
-  ACT_INPUTS = ('w_in', 'w_out')  # jaxformer/layers/act_quant.py
+  PROJECTIONS = ('w_in', 'w_out')  # jaxformer/layers/linear.py `project`
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
     d, k = cfg.d_model, cfg.conformer.kernel_size
@@ -92,8 +91,8 @@ class ConvModule(nnx.Module):
     x = x.astype(self.dtype)
     seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
-    xq = act_quant.quantize(self, 'w_in', x)
-    a = dense(xq, self.w_in[...].astype(self.dtype)) + self.b_in[...].astype(self.dtype)
+    a = project(self, 'w_in', x, self.w_in[...].astype(self.dtype))
+    a = a + self.b_in[...].astype(self.dtype)
     u = a[..., 0, :] * jax.nn.sigmoid(a[..., 1, :])  # 'BT2C' -> 'BTC'
     u = constrain(jnp.where((seg != 0)[..., None], u, 0), R.FFN_HIDDEN)
     if state is None:
@@ -112,6 +111,6 @@ class ConvModule(nnx.Module):
     v = depthwise_conv(u_p, seg_p, seg, self.w_dw[...].astype(self.dtype))
     v = v + self.b_dw[...].astype(self.dtype)
     h = jax.nn.silu(self.norm(v))
-    h = act_quant.quantize(self, 'w_out', h)
-    y = dense(h, self.w_out[...].astype(self.dtype)) + self.b_out[...].astype(self.dtype)
+    y = project(self, 'w_out', h, self.w_out[...].astype(self.dtype))
+    y = y + self.b_out[...].astype(self.dtype)
     return y, new_state

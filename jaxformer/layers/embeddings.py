@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.layers.base import check_token_ids, make_init, param, zeros
-from jaxformer.layers.linear import dense
+from jaxformer.layers.linear import dense, project
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain, embedding_lookup
 
@@ -68,6 +68,8 @@ TokenTypeEmbed = Embed
 
 class Head(nnx.Module):
   """Untied output projection: `kernel` [D, V] ('embed', 'vocab'), optional `bias` [V]."""
+  PROJECTIONS = ('kernel',)  # jaxformer/layers/linear.py `project`
+  ACT_INPUTS = ()  # the LM head quantizes its input (models/common.py LMHead)
 
   def __init__(self, dim: int, vocab: int, *, bias: bool = False, rngs: nnx.Rngs,
                init_std: float = 0.02, init: str = 'normal', param_dtype=jnp.float32,
@@ -79,7 +81,8 @@ class Head(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
-    logits = dense(x.astype(dtype), self.kernel[...].astype(dtype))  # '...D,DV->...V'
+    # '...D,DV->...V'
+    logits = project(self, 'kernel', x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       logits = logits + self.bias[...].astype(dtype)
     return constrain(logits, R.LOGITS)

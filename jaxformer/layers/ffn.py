@@ -34,9 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ACTIVATIONS, ModelConfig, check_choice
-from jaxformer.layers import act_quant
 from jaxformer.layers.base import make_init, param, residual_init, zeros
-from jaxformer.layers.linear import dense
+from jaxformer.layers.linear import project
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -78,7 +77,7 @@ class FeedForward(nnx.Module):
   `cfg.ffn.dropout` acts on the hidden activation and draws from the 'dropout' stream of `rngs`.
   `layer_index` is recorded for callers (e.g. analysis hooks); the dense FFN does not depend on it.
   """
-  ACT_INPUTS = ('wi', 'wi_gate', 'wi_up', 'wo')  # jaxformer/layers/act_quant.py
+  PROJECTIONS = ('wi', 'wi_gate', 'wi_up', 'wo')  # jaxformer/layers/linear.py `project`
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer_index: int | None = None,
                num_layers: int | None = None):
@@ -137,7 +136,7 @@ class FeedForward(nnx.Module):
     return self._dense(h, 'wo', 'bo')
 
   def _dense(self, x, w: str, b: str):
-    y = dense(act_quant.quantize(self, w, x), self._w(w))
+    y = project(self, w, x, self._w(w))
     return y if self._w(b) is None else y + self._w(b)
 
 

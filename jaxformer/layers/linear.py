@@ -17,6 +17,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.layers import act_quant
 
 
 def _dims(k: int, x_ndim: int, w_ndim: int):
@@ -45,3 +49,45 @@ def _dense_bwd(k, res, dy):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+# ---------------------------------------------------------------------- projection sites
+# A module computes its parameter matrices' products through `project`, and names them in its
+# class attribute PROJECTIONS. Features that act at a matrix attach variables next to it, named
+# after it: activation quantization (`<name>_act`, jaxformer/layers/act_quant.py, for the names
+# in ACT_INPUTS) and LoRA dropout (`<name>_lora_a`, `_lora_b`, `_lora_key`, attached inside
+# the train step by jaxformer/finetune/lora.py `attach_dropout_paths`).
+LORA_A, LORA_B, LORA_KEY = '_lora_a', '_lora_b', '_lora_key'
+
+
+class LoraFactor(nnx.Variable):
+  """A LoRA factor of one matrix (per layer when stacked), attached for LoRA dropout."""
+
+
+class LoraKey(nnx.Variable):
+  """The dropout key of one matrix's LoRA path (per layer when stacked); metadata `rate` and
+  `scale` (alpha / r)."""
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, w: jax.Array, k: int = 1
+            ) -> jax.Array:
+  """dense(x, w, k) for the matrix `name` of `module` (w its value in the compute dtype), with
+  what is attached to it:
+
+    `<name>_act`   x is fake-quantized with its calibrated range first (act_quant.py);
+    LoRA dropout   adds scale ((drop(x) - x) A) B: with w = W0 + scale A B (merged by the
+                   ParamPlan), the sum is x W0 + scale (drop(x) A) B, LoRA with dropout on the
+                   input of its low-rank path (Hu et al. 2021); drop(x) = x m / (1 - p),
+                   m ~ Bernoulli(1 - p) per element.
+  """
+  y = dense(act_quant.quantize(module, name, x), w, k)
+  key = getattr(module, name + LORA_KEY, None)
+  if key is None:
+    return y
+  meta = key.get_metadata()
+  keep = 1.0 - meta['rate']
+  mask = jax.random.bernoulli(key.get_value(), keep, x.shape)
+  dx = x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype) - 1)
+  a = getattr(module, name + LORA_A).get_value().astype(x.dtype)
+  b = getattr(module, name + LORA_B).get_value().astype(x.dtype)
+  return y + (dense(dense(dx, a, k), b) * meta['scale']).astype(y.dtype)

@@ -60,9 +60,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.layers import act_quant
 from jaxformer.layers.base import make_init, ones, param, residual_init, zeros
-from jaxformer.layers.linear import dense
+from jaxformer.layers.linear import dense, project
 from jaxformer.parallel import rules as R
 from jaxformer.parallel.sharding import constrain
 
@@ -178,7 +177,7 @@ def _conv_init(key, shape, dtype):
 # =========================================================================== the layer
 class Mamba(nnx.Module):
   """The Mamba mixer (HF `MambaMixer`): u [B, T, D] -> [B, T, D]; see the module docstring."""
-  ACT_INPUTS = ('w_in', 'w_x', 'w_out')  # jaxformer/layers/act_quant.py; w_dt stays float
+  PROJECTIONS = ('w_in', 'w_x', 'w_out')  # jaxformer/layers/linear.py `project`; not w_dt
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     m = cfg.mamba
@@ -211,8 +210,8 @@ class Mamba(nnx.Module):
                cache: dict | None = None):
     """u [B, T, D] -> (out [B, T, D], new cache or None). segment_ids [B, T]: 0 = padding."""
     dt_ = self.dtype
-    u = act_quant.quantize(self, 'w_in', u.astype(dt_))
-    xz = dense(u, self.w_in[...].astype(dt_))  # 'BTD,DKI->BTKI' (K = 2: x, z)
+    # 'BTD,DKI->BTKI' (K = 2: x, z)
+    xz = project(self, 'w_in', u.astype(dt_), self.w_in[...].astype(dt_))
     if self.b_in is not None:
       xz = xz + self.b_in[...].astype(dt_)
     x, z = constrain(xz[:, :, 0], INNER), constrain(xz[:, :, 1], INNER)
@@ -227,8 +226,7 @@ class Mamba(nnx.Module):
       x = jnp.where(valid, x, 0)
 
     r, n = self.dt_rank, self.d_state
-    xq = act_quant.quantize(self, 'w_x', x)
-    proj = dense(xq, self.w_x[...].astype(dt_)).astype(jnp.float32)  # 'BTI,IK->BTK'
+    proj = project(self, 'w_x', x, self.w_x[...].astype(dt_)).astype(jnp.float32)  # 'BTI,IK->BTK'
     dt = jax.nn.softplus(dense(proj[..., :r], self.w_dt[...].astype(jnp.float32))
                          + self.b_dt[...].astype(jnp.float32))     # 'BTR,RI->BTI'
     b, c = proj[..., r:r + n], proj[..., r + n:]
@@ -244,8 +242,7 @@ class Mamba(nnx.Module):
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_)
     if valid is not None:
       y = jnp.where(valid, y, 0)
-    y = act_quant.quantize(self, 'w_out', constrain(y, INNER))
-    out = dense(y, self.w_out[...].astype(dt_))  # 'BTI,ID->BTD'
+    out = project(self, 'w_out', constrain(y, INNER), self.w_out[...].astype(dt_))  # 'BTI,ID->BTD'
     if self.b_out is not None:
       out = out + self.b_out[...].astype(dt_)
     new_cache = None

@@ -27,16 +27,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.layers import act_quant, base
+from jaxformer.layers import base
 from jaxformer.layers.ffn import activation
-from jaxformer.layers.linear import dense
+from jaxformer.layers.linear import project
 
 ROLES = ('adapter', 'prefix', 'prompt')
 
 
 class Adapter(nnx.Module):
   """h + up(act(down(h))) with a zero-initialised up-projection; see the module docstring."""
-  ACT_INPUTS = ('w_down', 'w_up')  # jaxformer/layers/act_quant.py
+  PROJECTIONS = ('w_down', 'w_up')  # jaxformer/layers/linear.py `project`
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, r, pdt = cfg.d_model, cfg.peft.adapter_dim, cfg.params_dtype
@@ -50,11 +50,10 @@ class Adapter(nnx.Module):
 
   def __call__(self, h: jax.Array) -> jax.Array:
     x = h.astype(self.dtype)
-    z = activation(self.act)(dense(act_quant.quantize(self, 'w_down', x),
-                                   self.w_down[...].astype(self.dtype))
+    z = activation(self.act)(project(self, 'w_down', x, self.w_down[...].astype(self.dtype))
                              + self.b_down[...].astype(self.dtype))
-    z = act_quant.quantize(self, 'w_up', z)
-    y = dense(z, self.w_up[...].astype(self.dtype)) + self.b_up[...].astype(self.dtype)
+    y = project(self, 'w_up', z, self.w_up[...].astype(self.dtype))
+    y = y + self.b_up[...].astype(self.dtype)
     return h + y.astype(h.dtype)
 
 
