@@ -37,7 +37,9 @@ class LoraConfig:
   every attention, 'ffn' = every FFN matrix, 'head' = the output head) or regexes over
   parameter paths; every target must match at least one matrix. `rank` r and `alpha`: the
   update is (alpha / r) A B with A [in, r] (Kaiming-uniform) and B [r, out] (zeros), so the
-  model starts equal to the base. QLoRA: `base_bits` (4 or 8) and `base_group_size` (the
+  model starts equal to the base. `dropout` p: while training, inputs of the low-rank path are
+  dropped (x W0 + (alpha / r)(drop(x) A) B; jaxformer/finetune/lora.py, LoRA dropout).
+  QLoRA: `base_bits` (4 or 8) and `base_group_size` (the
   group-wise quantization of the frozen base along each matrix's input dimension)."""
   rank: int = 8
   alpha: float = 16.0
@@ -51,12 +53,9 @@ class LoraConfig:
       fail('finetune.lora.rank', self.rank, 'must be a positive integer')
     if self.alpha <= 0:
       fail('finetune.lora.alpha', self.alpha, 'must be > 0')
-    if self.dropout:
+    if not 0.0 <= self.dropout < 1.0:
       fail('finetune.lora.dropout', self.dropout,
-           'must be 0: jaxformer applies LoRA by adding (alpha / r) A B to the frozen weight '
-           'inside the step (which works in every family, stacked layer and mesh layout), so '
-           'there is no separate low-rank input path to drop out; regularise with '
-           'optim.weight_decay or the model dropout instead')
+           'the probability of dropping an input of the low-rank path must be in [0, 1)')
     if not self.targets:
       fail('finetune.lora.targets', self.targets, 'must name at least one target')
     for t in self.targets:

@@ -16,6 +16,14 @@ at every projection: every family, stacked (scanned) layer stack, pipeline and m
 takes LoRA without a change to a layer. The cost is one transient W-sized array per target per
 step (the update), which XLA lays out like W.
 
+LoRA dropout (`finetune.lora.dropout` p > 0) drops inputs of the low-rank path only:
+x W0 + scale (drop(x) A) B. In training the step also attaches A, B and a dropout key next to
+each target (`attach_dropout_paths`), and the target's projection site
+(`jaxformer.layers.linear.project`) adds scale ((drop(x) - x) A) B to x (W0 + scale A B). The
+targets must be matrices their modules compute through that site (PROJECTIONS: attention,
+FFN, untied head, Mamba, convolution, adapters); evaluation, sampling and export use the merged
+weight (no dropout).
+
 Why not `qwix.apply_lora_to_model`: Qwix finds a module's weight by identity inside its
 intercepted dot_general, which neither jaxformer's nnx.scan-ned stacks nor its custom-VJP
 `dense` pass through (it fails inside nnx.scan). jaxformer uses Qwix's numerics for QLoRA's
@@ -173,6 +181,45 @@ def apply(values: dict[str, jax.Array], factors: Mapping[str, Mapping[str, jax.A
     w = values[path]
     out[path] = w + delta(f['a'], f['b'], axes[path], scale).astype(w.dtype)
   return out
+
+
+# -------------------------------------------------------------------- LoRA dropout
+def module_at(model: nnx.Module, path: str) -> tuple[Any, str]:
+  """(the module holding the parameter at '.'-joined `path`, the parameter's name)."""
+  *steps, name = path.split('.')
+  m = model
+  for s in steps:
+    m = m[int(s)] if s.isdigit() else getattr(m, s)
+  return m, name
+
+
+def dropout_sites_missing(model: nnx.Module, targets: Mapping[str, tuple]) -> list[str]:
+  """The targets whose product does not go through `jaxformer.layers.linear.project` (their
+  module does not list them in PROJECTIONS): LoRA dropout has no input path to act on there."""
+  out = []
+  for path in targets:
+    m, name = module_at(model, path)
+    if name not in getattr(type(m), 'PROJECTIONS', ()):
+      out.append(path)
+  return out
+
+
+def attach_dropout_paths(model: nnx.Module, factors: Mapping[str, Mapping[str, Any]],
+                         targets: Mapping[str, tuple], key: jax.Array, rate: float,
+                         scale: float) -> None:
+  """Attaches each target's factors A, B and a dropout key (one per batch slice: per layer
+  when stacked) next to it in `model` (built from the merged parameters, W0 + scale A B), so
+  that `linear.project` adds scale ((drop(x) - x) A) B: LoRA with dropout on its input."""
+  from jaxformer.layers import linear  # pylint: disable=import-outside-toplevel
+  for i, path in enumerate(sorted(factors)):
+    m, name = module_at(model, path)
+    a, b = (factors[path][n].get_value() for n in ('a', 'b'))
+    lead = a.shape[:len(targets[path][0])]
+    k = jax.random.fold_in(key, i)
+    keys = jax.random.split(k, lead) if lead else k
+    setattr(m, name + linear.LORA_A, linear.LoraFactor(a))
+    setattr(m, name + linear.LORA_B, linear.LoraFactor(b))
+    setattr(m, name + linear.LORA_KEY, linear.LoraKey(keys, rate=rate, scale=scale))
 
 
 # -------------------------------------------------------------------- QLoRA base

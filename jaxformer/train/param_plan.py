@@ -62,12 +62,14 @@ class ParamPlan:
     self.fresh = frozenset(fresh)
     self.targets: dict[str, tuple] = {}
     self.scale = 0.0
+    self.dropout = 0.0
     if self.method in LORA_METHODS:
       lc = finetune.lora
       self.targets = lora.select_targets(self.templates, lc.targets, lc.rank)
       for axes in self.targets.values():
         lora.check_layout(axes)
       self.scale = lc.alpha / lc.rank
+    self.dropout = finetune.lora.dropout if self.targets else 0.0
     self.trainable_base = self._trainable_base()
     # compress.qat: the model sees its quantized parameters (compress/quant.py, fake_quant).
     self.qat = qat.scheme() if qat is not None and qat.enabled else None
@@ -139,6 +141,14 @@ class ParamPlan:
     if self.qat is None or not fake_quant:
       return full
     return quant.fake_quant_params(full, self.qat_targets, self.qat)
+
+  def attach_dropout(self, model: nnx.Module, trainable, key: jax.Array) -> None:
+    """LoRA dropout in a training step: the model (built from `model_params`) gets each
+    target's low-rank path with its dropout key (lora.attach_dropout_paths). No-op without
+    finetune.lora.dropout."""
+    if self.dropout:
+      lora.attach_dropout_paths(model, trainable['lora'], self.targets, key, self.dropout,
+                                self.scale)
 
   def view_params(self, view, *, fake_quant: bool = True) -> nnx.State:
     """`model_params` of `TrainProgram.model_view(state)`."""

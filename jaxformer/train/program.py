@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.config import ConfigError
+from jaxformer.finetune import lora
 from jaxformer.parallel import rules as R
 from jaxformer.parallel import state as state_lib
 from jaxformer.parallel.pipeline import PipelineSpec
@@ -69,6 +71,8 @@ class TrainProgram:
     self.abstract_model_params = model_params
     self.model_param_shardings = layout.state_shardings(model_params)
     self.plan = ParamPlan(exp.finetune, model_params, fresh=fresh, qat=exp.compress.qat)
+    if self.plan.dropout:
+      _check_lora_dropout(exp, abstract, self.plan, layout)
     abstract_params, abstract_frozen = jax.eval_shape(self.plan.split, model_params)
     self.param_shardings, self.frozen_shardings = self.plan.shardings(
         abstract_params, abstract_frozen, layout)
@@ -223,3 +227,23 @@ class TrainProgram:
     n = jax.process_count()
     return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + tuple(v.shape[1:]), v.dtype,
                                     sharding=self.batch_sharding) for k, v in batch.items()}
+
+
+def _check_lora_dropout(exp: Experiment, abstract_model, plan: ParamPlan, layout: Layout) -> None:
+  """Refuses finetune.lora.dropout where the step cannot attach the low-rank paths."""
+  p = exp.finetune.lora.dropout
+  why = None
+  if exp.model.reversible:
+    why = ('model.reversible=True: the reversible layers run under a custom gradient that '
+           'takes no extra per-layer inputs')
+  elif layout.pipeline is not None:
+    why = 'pipeline parallelism: the stages run the layers inside their own transforms'
+  else:
+    missing = lora.dropout_sites_missing(abstract_model, plan.targets)
+    if missing:
+      why = (f'the targets {missing} are not computed through a projection site '
+             '(jaxformer.layers.linear.project: attention q k v o, FFN, untied head, Mamba, '
+             'convolution, adapters), so their input cannot be dropped; choose other '
+             'finetune.lora.targets')
+  if why is not None:
+    raise ConfigError(f'finetune.lora.dropout={p} is invalid with {why}; or use dropout 0')

@@ -37,6 +37,7 @@ from jaxformer.train import tasks
 from jaxformer.train.precision import cast_floating
 
 METRIC_SUMS = ('num_tokens', 'rtd_tokens')
+LORA_DROPOUT_STREAM = 0x10DA  # folded into the step's dropout key for LoRA dropout's masks
 
 
 def split_micro(batch: dict, k: int) -> dict:
@@ -82,6 +83,8 @@ def make_train_step(graphdef, rest, *, task: str, model_cfg: ModelConfig,
   def loss_fn(params, frozen, batch, key, extra):
     full = params if plan is None else plan.model_params(params, frozen)
     model = nnx.merge(graphdef, full, with_dropout_key(rest, key))
+    if plan is not None:  # LoRA dropout: its own key, apart from the model's dropout streams
+      plan.attach_dropout(model, params, jax.random.fold_in(key, LORA_DROPOUT_STREAM))
     if teacher is not None:
       return teacher.loss(model, extra['teacher'], task, batch, model_cfg, deterministic=False)
     return tasks.compute_loss(model, task, batch, model_cfg, loss_cfg, deterministic=False,

@@ -83,6 +83,92 @@ def test_lora_counts_starts_at_base_and_trains_only_adapters(tmp_path):
   assert n_saved_params == expected
 
 
+def test_lora_dropout_site_is_the_dropped_low_rank_path():
+  """With the merged weight W0 + s A B and the path attached, the projection site computes
+  x W0 + s (drop(x) A) B, drop(x) = x m / (1 - p) with m the key's Bernoulli(1 - p) mask, for a
+  matrix with two input axes (the attention output wo)."""
+  from jaxformer.attention.attention import Attention  # pylint: disable=import-outside-toplevel
+  from jaxformer.layers import linear  # pylint: disable=import-outside-toplevel
+  cfg = family_dict('llama', d_model=D, attention=dict(num_heads=N, num_kv_heads=KV))
+  from jaxformer.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  attn = Attention(ModelConfig.from_dict(cfg), causal=True, rngs=nnx.Rngs(0))
+  k = jax.random.split(jax.random.key(1), 4)
+  w0 = attn.wo[...]
+  a, b = jax.random.normal(k[0], (N, H, 3)), jax.random.normal(k[1], (3, D))
+  x = jax.random.normal(k[2], (2, 5, N, H))
+  p, s = 0.25, 0.5
+  axes = ((), (0, 1), (2,))
+  lora.attach_dropout_paths(attn, {'wo': {'a': nnx.Param(a), 'b': nnx.Param(b)}}, {'wo': axes},
+                            k[3], p, s)
+  y = linear.project(attn, 'wo', x, w0 + lora.delta(a, b, axes, s), 2)
+  m = jax.random.bernoulli(jax.random.fold_in(k[3], 0), 1 - p, x.shape)
+  dropped = x * m / (1 - p)
+  explicit = (jnp.einsum('btnh,nhd->btd', x, w0)
+              + s * jnp.einsum('btr,rd->btd', jnp.einsum('btnh,nhr->btr', dropped, a), b))
+  chex.assert_trees_all_close(y, explicit, atol=1e-5, rtol=1e-5)
+  assert 0.6 < float(m.mean()) < 0.9  # the mask really drops about p of the inputs
+
+
+def test_lora_dropout_paths_run_per_layer_in_scanned_and_unrolled_stacks():
+  """Attached to a stacked model, each layer's slice of A, B and its own key reach that layer:
+  the scanned and the unrolled stack give the same logits, which differ from the merged model's
+  (dropout acts) and from those with every layer given layer 0's key (the keys are per layer)."""
+  from jaxformer.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from jaxformer.models import build_model  # pylint: disable=import-outside-toplevel
+  cfg = dict(family_dict('llama', vocab_size=V, max_length=32, d_model=D, num_layers=L,
+                         attention=dict(num_heads=N, num_kv_heads=KV), ffn=dict(hidden_dim=F)))
+  ids = jax.random.randint(jax.random.key(2), (2, 16), 0, V)
+  key = jax.random.key(3)
+
+  def logits(scan, same_keys=False, attach=True):
+    model = build_model(ModelConfig.from_dict(dict(cfg, scan_layers=scan)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat_params = lora.flat_params(params)
+    targets = lora.select_targets(flat_params, ('q', 'o', 'ffn'), 4)
+    factors = lora.lora_factors(flat_params, targets, 4, jax.random.key(4))
+    for i, f in enumerate(factors.values()):  # a trained B: the path contributes
+      f['b'] = f['b'].replace(0.1 * jax.random.normal(jax.random.key(5 + i), f['b'].shape))
+    merged = lora.apply({k: flat_params[k].get_value() for k in targets},
+                        {k: {n: f[n].get_value() for n in f} for k, f in factors.items()},
+                        targets, 2.0)
+    for k, v in merged.items():
+      flat_params[k].set_value(v)
+    model = nnx.merge(graphdef, params, rest)
+    if attach:
+      lora.attach_dropout_paths(model, factors, targets, key, 0.5, 2.0)
+      if same_keys:
+        for k in targets:
+          m, name = lora.module_at(model, k)
+          v = getattr(m, name + '_lora_key')
+          v.set_value(jnp.broadcast_to(v.get_value()[0], v.get_value().shape))
+    return np.asarray(nnx.jit(lambda m: m(ids).logits)(model))
+
+  scanned = logits(True)
+  np.testing.assert_allclose(logits(False), scanned, atol=1e-5, rtol=1e-5)
+  assert np.abs(logits(True, attach=False) - scanned).max() > 1e-3
+  assert np.abs(logits(True, same_keys=True) - scanned).max() > 1e-3
+
+
+def test_lora_dropout_trains_and_only_differs_through_the_path(tmp_path):
+  """LoRA with dropout: the first step's loss is the dropout-free run's (B = 0: the path adds
+  nothing yet), later ones differ (the path's gradient saw dropped inputs), the loss falls, and
+  evaluation (no dropout) runs on the merged weights."""
+  from jaxformer.train.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  losses = {}
+  for p in (0.0, 0.3):
+    workdir = str(tmp_path / str(p))
+    trainer = make(config(steps=4, method='lora', lora=dict(rank=4, alpha=8.0, dropout=p,
+                                                            targets=('q', 'v', 'o', 'ffn'))),
+                   workdir)
+    result = trainer.run()
+    losses[p] = [r['loss'] for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+                 if 'loss' in r]
+    assert math.isfinite(result['eval']['loss'])
+  assert losses[0.3][0] == pytest.approx(losses[0.0][0], abs=1e-6)
+  assert all(abs(a - b) > 1e-5 for a, b in zip(losses[0.3][1:], losses[0.0][1:]))
+  assert losses[0.3][-1] < losses[0.3][0]
+
+
 def test_lora_update_is_the_low_rank_path():
   """x . (W0 + s A B) == x . W0 + s (x . A) . B for a matrix with two input axes (wo)."""
   k = jax.random.split(jax.random.key(0), 4)
@@ -155,7 +241,9 @@ def test_gradual_unfreezing_follows_its_schedule(tmp_path):
 @pytest.mark.parametrize('finetune, match', [
     (dict(method='lora', lora=dict(targets=('nonexistent',))), 'matches no matrix'),
     (dict(method='lora', lora=dict(rank=33, targets=('q',))), r'rank=33 .* at most .* = 32'),
-    (dict(method='lora', lora=dict(dropout=0.1)), 'finetune.lora.dropout'),
+    (dict(method='lora', lora=dict(dropout=1.0)), 'finetune.lora.dropout=1.0 .* in .0, 1.'),
+    (dict(method='lora', lora=dict(dropout=0.1, targets=('q', 'embed'))),
+     r"dropout=0.1 .* \['embedder.embed.embedding'\] are not computed through a projection"),
     (dict(method='qlora', lora=dict(base_group_size=7, targets=('q',))),
      'base_group_size=7 does not divide the input size 32'),
     (dict(method='modules'), 'model.peft'),
