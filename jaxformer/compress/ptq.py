@@ -91,9 +91,10 @@ class ActScheme:
       fail('--calibration_batches', self.batches, 'calibration reads at least one batch')
 
 
-def calibrate(trainer, params: nnx.State, acts: ActScheme) -> tuple[Any, Any, dict[str, Any]]:
-  """(graphdef, parameters, report) of the model with activation quantization: `params` (the
-  model's parameters, quantized weights dequantized) with the calibrated ranges of `acts`."""
+def calibrate(trainer, params: nnx.State, acts: ActScheme) -> tuple[nnx.State, dict[str, Any]]:
+  """(ranges, report): the ActRange parameters of the model with activation quantization,
+  calibrated per `acts` on the model with parameters `params` (the quantized weights
+  dequantized), laid out on the trainer's mesh; and the report for quantization.json."""
   from jaxformer.parallel import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxformer.train import tasks  # pylint: disable=import-outside-toplevel
   from jaxformer.train.step import with_dropout_key  # pylint: disable=import-outside-toplevel
@@ -146,15 +147,14 @@ def calibrate(trainer, params: nnx.State, acts: ActScheme) -> tuple[Any, Any, di
   if missing:
     raise ConfigError(f'activation quantization: no calibration batch reached {missing}')
 
-  def fill(p):
-    return nnx.from_flat_state(
-        [(path, v.replace(calibrated[lora.path_key(path)]) if isinstance(v, act_quant.ActRange)
-          else v) for path, v in nnx.to_flat_state(p)])
-
+  abstract_ranges, _ = nnx.split_state(abstract, act_quant.ActRange, ...)
+  ranges = nnx.from_flat_state([(path, v.replace(calibrated[lora.path_key(path)]))
+                                for path, v in nnx.to_flat_state(abstract_ranges)])
   report = {'bits': 8, **dataclasses.asdict(acts), 'split': split, 'batches': len(seen),
             'sites': len(sites),
             'ranges': {k: jax.device_get(v).round(5).tolist() for k, v in calibrated.items()}}
-  return graphdef, jax.jit(fill, out_shardings=shardings)(with_ranges), report
+  placed = jax.jit(lambda r: r, out_shardings=layout.state_shardings(abstract_ranges))(ranges)
+  return placed, report
 
 
 def quantize_run(trainer, out: str, scheme: QuantScheme, acts: ActScheme | None = None
@@ -175,26 +175,18 @@ def quantize_run(trainer, out: str, scheme: QuantScheme, acts: ActScheme | None 
                    out_shardings=program.model_param_shardings)(program.model_view(trainer.state))
   config = plain_config(trainer.exp)
   record = {'scheme': dataclasses.asdict(scheme), 'source': str(trainer.workdir)}
-  weights = params
-  if acts is not None:
-    # Ranges of the activations the quantized model computes: calibrated with its weights.
-    templates = program.abstract_model_params
-    dequantized = jax.jit(
-        lambda p: quant.dequantize_params(quant.quantize_params(p, chosen, scheme), templates,
-                                          chosen, scheme),
-        out_shardings=program.model_param_shardings)(params)
-    _, weights, record['activations'] = calibrate(trainer, dequantized, acts)
-    del dequantized
-    # The stored parameters: the float weights (quantized below) with the ranges.
-    fp = lora.flat_params(params)
-    weights = nnx.from_flat_state(
-        [(path, v if isinstance(v, act_quant.ActRange) else fp[lora.path_key(path)])
-         for path, v in nnx.to_flat_state(weights)])
-    config['model'] = dict(config['model'], act_quant={'bits': 8, 'symmetric': acts.symmetric})
-    shardings = program.layout.state_shardings(
-        jax.eval_shape(lambda p: quant.quantize_params(p, chosen, scheme), weights))
   stored = jax.jit(lambda p: quant.quantize_params(p, chosen, scheme),
-                   out_shardings=shardings)(weights)
+                   out_shardings=shardings)(params)
+  if acts is not None:
+    # Ranges of the activations the quantized model computes: calibrated with its weights,
+    # then stored beside the codes (parameters the weight scheme leaves alone).
+    templates = program.abstract_model_params
+    dequantized = jax.jit(lambda s: quant.dequantize_params(s, templates, chosen, scheme),
+                          out_shardings=program.model_param_shardings)(stored)
+    ranges, record['activations'] = calibrate(trainer, dequantized, acts)
+    del dequantized
+    stored = nnx.from_flat_state(list(nnx.to_flat_state(stored)) + list(nnx.to_flat_state(ranges)))
+    config['model'] = dict(config['model'], act_quant={'bits': 8, 'symmetric': acts.symmetric})
   step = int(trainer.state['step'])
   record.update(step=step, quantized=sorted(chosen),
                 size=quant.size_report(stored, params, chosen))
