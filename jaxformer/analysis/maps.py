@@ -74,8 +74,12 @@ def run_with_maps(model: nnx.Module, fn: Callable[[nnx.Module], object]
   cfg: ModelConfig = model.cfg
   check_weights(cfg)
   result, sown = run_sowing(model, fn, ('attention_weights',))
-  return result, {name: AttentionMap(w, name, layers)
-                  for name, (layers, w) in sown['attention_weights'].items()}
+  return result, as_maps(sown['attention_weights'])
+
+
+def as_maps(sites: dict[str, tuple[tuple[int, ...], jax.Array]]) -> dict[str, AttentionMap]:
+  """`run_sowing`'s 'attention_weights' as {site: AttentionMap}."""
+  return {name: AttentionMap(w, name, layers) for name, (layers, w) in sites.items()}
 
 
 # Which modules sow what, and the switch that turns them on.

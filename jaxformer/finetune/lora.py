@@ -45,6 +45,7 @@ import qwix
 from flax import nnx
 
 from jaxformer.config import ConfigError
+from jaxformer.layers import linear
 from jaxformer.parallel.sharding import names_of
 
 BATCH_AXES = ('layers', 'expert')
@@ -210,7 +211,6 @@ def attach_dropout_paths(model: nnx.Module, factors: Mapping[str, Mapping[str, A
   """Attaches each target's factors A, B and a dropout key (one per batch slice: per layer
   when stacked) next to it in `model` (built from the merged parameters, W0 + scale A B), so
   that `linear.project` adds scale ((drop(x) - x) A) B: LoRA with dropout on its input."""
-  from jaxformer.layers import linear  # pylint: disable=import-outside-toplevel
   for i, path in enumerate(sorted(factors)):
     m, name = module_at(model, path)
     a, b = (factors[path][n].get_value() for n in ('a', 'b'))

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -172,10 +171,3 @@ def combine(batches: list[dict[str, jax.Array]], method: str) -> dict[str, jax.A
       out[k] = jnp.mean(stack, 0)
   return out
 
-
-def step_size(rng, bits: int, symmetric: bool) -> float:
-  """The quantization step s of a range (for tests and reports)."""
-  lo, hi = float(rng[0]), float(rng[1])
-  if symmetric:
-    return max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 0.5)
-  return (hi - lo) / (2 ** bits - 1) if not math.isclose(hi, lo) else 0.0

@@ -136,8 +136,8 @@ class FeedForward(nnx.Module):
     return self._dense(h, 'wo', 'bo')
 
   def _dense(self, x, w: str, b: str):
-    y = project(self, w, x, self._w(w))
-    return y if self._w(b) is None else y + self._w(b)
+    y, bias = project(self, w, x, self._w(w)), self._w(b)
+    return y if bias is None else y + bias
 
 
 def set_sow_hidden(model: nnx.Module, enabled: bool = True) -> int:

@@ -124,8 +124,7 @@ def _with_entropy(objective, loss_cfg: LossConfig):
     (loss, metrics), sown = maps_lib.run_sowing(model, objective, what)
     if 'attention_weights' in sown:
       metrics = dict(metrics, **entropy_lib.entropy_metrics(
-          {name: maps_lib.AttentionMap(w, name, layers)
-           for name, (layers, w) in sown['attention_weights'].items()}))
+          maps_lib.as_maps(sown['attention_weights'])))
     if 'hidden' in sown:
       metrics = dict(metrics, **entropy_lib.activation_metrics(sown['hidden']))
     return loss, metrics
